@@ -1,0 +1,57 @@
+"""banax: deep equilibrium models in JAX/Equinox.
+
+`import banax` loads no plugin: solvers, adjoints and regularizers are discovered
+through the `banax` entry-point group the first time a name is looked up.
+"""
+
+from importlib import metadata as _metadata
+
+from . import adjoint, hookspecs, regularization, solver, utils
+from ._adjoint import Adjoint, LinearSolveAdjoint, Problem, solve
+from ._fspec import BoundFunction, FSpec, bind
+from ._layout import Layout
+from ._loop import FlatSolution, iterate, residual_norms, solve_flat
+from ._registry import (
+    BanaxPluginWarning,
+    PluginConflictError,
+    PluginError,
+    PluginFailure,
+    Registration,
+    UnknownNameError,
+    get_adjoint,
+    get_regularizer,
+    get_solver,
+    plugin_failures,
+    register_plugin,
+    registrations,
+    unregister_plugin,
+)
+from ._solution import Result, Solution, Stats
+from ._solver import InvertibleStep, LowRankInverseJacobian, Solver
+from ._trace import TracedFunction
+from .hookspecs import hookimpl
+from .utils import (
+    half_normal_like,
+    trace_count,
+    trace_history,
+    trace_last,
+    trace_last_aux,
+    zeros_like,
+)
+
+try:
+    __version__ = _metadata.version("banax-core")
+except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+    __version__ = "0.0.0"
+
+__all__ = [
+    "Adjoint", "BanaxPluginWarning", "BoundFunction", "FSpec", "FlatSolution",
+    "InvertibleStep", "Layout", "LinearSolveAdjoint", "LowRankInverseJacobian",
+    "PluginConflictError", "PluginError", "PluginFailure", "Problem", "Registration",
+    "Result", "Solution", "Solver", "Stats", "TracedFunction", "UnknownNameError",
+    "adjoint", "bind", "get_adjoint", "get_regularizer", "get_solver",
+    "half_normal_like", "hookimpl", "hookspecs", "iterate", "plugin_failures",
+    "register_plugin", "registrations", "regularization", "residual_norms", "solve",
+    "solve_flat", "solver", "trace_count", "trace_history", "trace_last",
+    "trace_last_aux", "unregister_plugin", "utils", "zeros_like",
+]

@@ -1,0 +1,112 @@
+"""How a pytree state is seen by a solver: one `(batch, features)` array.
+
+Solvers never see the user's pytree. The loop flattens the state into a 2D array
+`z` of shape `(B, N)`: `B` is the batch size in batch mode (the length of the batch
+axis) and `1` otherwise; `N` is the number of entries of one sample. Reductions over
+the last axis are therefore per-sample, which is what gives per-sample residuals,
+stopping and mixing while `f` is still called once on the whole batch.
+"""
+
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Inexact
+
+FlatState = Inexact[Array, "batch features"]
+
+
+class Layout(eqx.Module):
+    """The map between a pytree state and its flat `(B, N)` form."""
+
+    treedef: Any = eqx.field(static=True)
+    shapes: tuple[tuple[int, ...], ...] = eqx.field(static=True)
+    dtypes: tuple[Any, ...] = eqx.field(static=True)
+    batch_axis: int | None = eqx.field(static=True)
+    batch_size: int = eqx.field(static=True)
+    dtype: Any = eqx.field(static=True)
+
+    @property
+    def batched(self) -> bool:
+        return self.batch_axis is not None
+
+    @property
+    def features(self) -> int:
+        return sum(self._sample_sizes())
+
+    def _sample_sizes(self) -> list[int]:
+        return [math.prod(s) // self.batch_size for s in self.shapes]
+
+    def flatten(self, tree: Any) -> FlatState:
+        leaves = jax.tree_util.tree_leaves(tree)
+        parts = []
+        for leaf in leaves:
+            leaf = jnp.asarray(leaf)
+            if self.batch_axis is not None:
+                leaf = jnp.moveaxis(leaf, self.batch_axis, 0)
+            parts.append(leaf.reshape(self.batch_size, -1).astype(self.dtype))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+    def unflatten(self, flat: FlatState) -> Any:
+        sizes = self._sample_sizes()
+        splits = np.cumsum(sizes)[:-1].tolist()
+        parts = jnp.split(flat, splits, axis=1) if len(sizes) > 1 else [flat]
+        leaves = []
+        for part, shape, dtype in zip(parts, self.shapes, self.dtypes):
+            if self.batch_axis is None:
+                leaf = part.reshape(shape)
+            else:
+                moved = (shape[self.batch_axis],) + tuple(
+                    s for i, s in enumerate(shape) if i != self.batch_axis
+                )
+                leaf = jnp.moveaxis(part.reshape(moved), 0, self.batch_axis)
+            leaves.append(leaf.astype(dtype))
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+def layout_of(x0: Any, batch_axis: int | None) -> Layout:
+    """Build the layout of `x0`, checking that it is a valid fixed-point state."""
+    leaves, treedef = jax.tree_util.tree_flatten(x0)
+    if not leaves:
+        raise ValueError("x0 must contain at least one array; got an empty pytree.")
+    shapes, dtypes = [], []
+    for leaf in leaves:
+        if not (isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+                or hasattr(leaf, "dtype")):
+            raise TypeError(
+                f"Every leaf of x0 must be a JAX array, got {type(leaf).__name__}. "
+                "Wrap Python numbers with jnp.asarray(..., dtype=jnp.float32)."
+            )
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            raise TypeError(
+                f"x0 has a leaf of dtype {leaf.dtype}; fixed-point states must be "
+                "floating point (or complex). Cast it, e.g. x0.astype(jnp.float32)."
+            )
+        shapes.append(tuple(leaf.shape))
+        dtypes.append(jnp.dtype(leaf.dtype))
+    if batch_axis is None:
+        batch_size = 1
+    else:
+        if batch_axis < 0:
+            raise ValueError(
+                f"batch_axis must be a non-negative axis index, got {batch_axis}."
+            )
+        sizes = set()
+        for shape in shapes:
+            if batch_axis >= len(shape):
+                raise ValueError(
+                    f"batch_axis={batch_axis} is out of range for a state leaf of shape "
+                    f"{shape}; every leaf must carry the batch axis."
+                )
+            sizes.add(shape[batch_axis])
+        if len(sizes) != 1:
+            raise ValueError(
+                f"All leaves of x0 must have the same size along batch_axis={batch_axis}; "
+                f"got sizes {sorted(sizes)}."
+            )
+        batch_size = sizes.pop()
+    dtype = jnp.result_type(*dtypes)
+    return Layout(treedef, tuple(shapes), tuple(dtypes), batch_axis, batch_size, dtype)

@@ -1,0 +1,137 @@
+"""The `Solver` base class and the capabilities a solver may advertise."""
+
+import abc
+from typing import Any, ClassVar, Generic, TypeVar
+
+import equinox as eqx
+from jaxtyping import Array, Float
+
+from ._layout import FlatState
+from ._trace import TracedFunction
+
+LOOP_KINDS = ("lax", "bounded", "checkpointed")
+SolverState = TypeVar("SolverState")
+
+
+class Solver(eqx.Module, Generic[SolverState]):
+    """Base class of every fixed-point solver: finds `z* = f(z*)`.
+
+    The loop (stopping test, NaN guard, step budget, statistics, tracing, batch mode)
+    belongs to banax; a solver supplies only its initial state and its step.
+
+    **Shared options:**
+
+    - `atol`: absolute tolerance on `‖f(z) − z‖₂`; `0.0` disables it.
+    - `rtol`: relative tolerance on `‖f(z) − z‖₂ / ‖f(z)‖₂`; `0.0` disables it. The
+        loop stops when either enabled test holds (or the residual is exactly zero).
+    - `max_steps`: hard cap on the number of steps, fixed at compile time. Vary the
+        depth at run time with the adjoint's `step_budget` instead.
+    - `loop_kind`: `"lax"` (a `lax.while_loop`, cheapest, not reverse-differentiable),
+        `"bounded"` (reverse-differentiable, memory grows with `max_steps`) or
+        `"checkpointed"` (reverse-differentiable, recomputes to save memory). `BPTT`
+        needs one of the last two.
+    - `batch_axis`: `None`, or the axis of the state that indexes independent samples.
+        Residuals, stopping, mixing and statistics are then per sample, while `f` is
+        still called once on the whole batch. Converged samples are frozen.
+    - `keep_best`: return each sample's lowest-residual iterate instead of the last.
+
+    **Writing a solver.** Subclass, add your options as fields (with defaults), and
+    implement `init` and `step`. Both see the state as a flat array `z` of shape
+    `(B, N)`: `B` samples (1 outside batch mode) of `N` features. Reduce over the last
+    axis for per-sample quantities, never over the first. Every non-scalar array in
+    your state must be per-sample with the batch axis first (`(B, ...)`), so that the
+    loop can freeze converged samples; quantities shared by all samples (a step
+    counter) must be scalars. Call `f` as
+    `fz, trace = f(z, trace)` and thread `trace` through; pass `tag="..."` at trial
+    evaluations that are not iterates (e.g. line search).
+    """
+
+    atol: float = eqx.field(default=0.0, static=True, kw_only=True)
+    rtol: float = eqx.field(default=1e-5, static=True, kw_only=True)
+    max_steps: int = eqx.field(default=50, static=True, kw_only=True)
+    loop_kind: str = eqx.field(default="lax", static=True, kw_only=True)
+    batch_axis: int | None = eqx.field(default=None, static=True, kw_only=True)
+    keep_best: bool = eqx.field(default=False, static=True, kw_only=True)
+
+    #: Solvers whose step can be differentiated by unrolling (BPTT) set this to True.
+    #: A step containing a data-dependent inner loop (e.g. a line search) cannot.
+    differentiable_step: ClassVar[bool] = True
+
+    def __check_init__(self) -> None:
+        name = type(self).__name__
+        for option in ("atol", "rtol"):
+            value = getattr(self, option)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(
+                    f"{name}: {option} must be a non-negative number (0.0 disables "
+                    f"it), got {value!r}."
+                )
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) \
+                or self.max_steps < 1:
+            raise ValueError(
+                f"{name}: max_steps must be an int >= 1, got {self.max_steps!r}. "
+                "To vary the depth at run time pass step_budget=jnp.array(k) to the "
+                "adjoint call."
+            )
+        if self.loop_kind not in LOOP_KINDS:
+            raise ValueError(
+                f"{name}: loop_kind must be one of {LOOP_KINDS}, got {self.loop_kind!r}."
+            )
+        if self.batch_axis is not None and (
+            isinstance(self.batch_axis, bool)
+            or not isinstance(self.batch_axis, int)
+            or self.batch_axis < 0
+        ):
+            raise ValueError(
+                f"{name}: batch_axis must be None or a non-negative int, got "
+                f"{self.batch_axis!r}."
+            )
+
+    @abc.abstractmethod
+    def init(self, z0: FlatState, fz0: FlatState) -> SolverState:
+        """The solver's state before the first step, given `z0` and `f(z0)`."""
+
+    @abc.abstractmethod
+    def step(
+        self, f: TracedFunction, z: FlatState, fz: FlatState, state: SolverState,
+        trace: Any,
+    ) -> tuple[FlatState, FlatState, SolverState, Any]:
+        """One iteration: from `(z, f(z), state)` to `(z', f(z'), state')`.
+
+        Must evaluate `f` at the new iterate (the loop uses `f(z')` for the residual and
+        hands it to the next step), and return the threaded `trace`.
+        """
+
+
+class LowRankInverseJacobian(eqx.Module):
+    """Capability: the solver's state holds a low-rank estimate of `(I − J_f)⁻¹`.
+
+    `inverse_jacobian_factors(state)` returns `(U, V)` with shapes `(B, m, N)` such
+    that, for each sample `b`, `(I − J_f)⁻¹ ≈ I + U[b]ᵀ V[b]`. Adjoints such as GDEQ use it
+    to precondition the backward pass without knowing which solver produced it.
+    """
+
+    @abc.abstractmethod
+    def inverse_jacobian_factors(
+        self, state: Any
+    ) -> tuple[Float[Array, "batch rank features"], Float[Array, "batch rank features"]]:
+        ...
+
+
+class InvertibleStep(eqx.Module):
+    """Capability: the solver's step can be run backwards exactly.
+
+    The step is viewed as a map `(z, state) -> (z', state')` that calls an untraced
+    `f: (B, N) -> (B, N)`. `forward_map` must compute exactly the iterate and state that
+    `step` computes, and `inverse_map(f, *forward_map(f, z, state))` must give back
+    `(z, state)` up to rounding. The reversible adjoint uses the pair to rebuild the
+    trajectory backwards in O(1) memory.
+    """
+
+    @abc.abstractmethod
+    def forward_map(self, f: Any, z: FlatState, state: Any) -> tuple[FlatState, Any]:
+        ...
+
+    @abc.abstractmethod
+    def inverse_map(self, f: Any, z: FlatState, state: Any) -> tuple[FlatState, Any]:
+        ...

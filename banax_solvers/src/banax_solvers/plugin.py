@@ -1,0 +1,1 @@
+"""Registers this distribution's components with banax (filled in by its issue)."""
