@@ -1,7 +1,7 @@
 """The `Solver` base class and the capabilities a solver may advertise."""
 
 import abc
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import equinox as eqx
 from jaxtyping import Array, Float
@@ -53,10 +53,6 @@ class Solver(eqx.Module, Generic[SolverState]):
     batch_axis: int | None = eqx.field(default=None, static=True, kw_only=True)
     keep_best: bool = eqx.field(default=False, static=True, kw_only=True)
 
-    #: Solvers whose step can be differentiated by unrolling (BPTT) set this to True.
-    #: A step containing a data-dependent inner loop (e.g. a line search) cannot.
-    differentiable_step: ClassVar[bool] = True
-
     def __check_init__(self) -> None:
         name = type(self).__name__
         for option in ("atol", "rtol"):
@@ -86,6 +82,15 @@ class Solver(eqx.Module, Generic[SolverState]):
                 f"{name}: batch_axis must be None or a non-negative int, got "
                 f"{self.batch_axis!r}."
             )
+
+    @property
+    def differentiable_step(self) -> bool:
+        """Whether unrolling this solver's step (BPTT, reversible) gives gradients.
+
+        Override to return False when the step contains a data-dependent inner loop,
+        such as a line search; adjoints that differentiate the step then refuse it.
+        """
+        return True
 
     @abc.abstractmethod
     def init(self, z0: FlatState, fz0: FlatState) -> SolverState:
