@@ -6,3 +6,9 @@ import hypothesis
 hypothesis.settings.register_profile("banax", deadline=None, max_examples=25)
 hypothesis.settings.load_profile("banax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# float64 is the reference precision of the suite; float32/16/bf16 are tested by
+# passing explicit dtypes.
+jax.config.update("jax_enable_x64", True)
