@@ -12,6 +12,7 @@ import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from ._layout import FlatState
@@ -95,7 +96,7 @@ def check_step_budget(step_budget: Any) -> Int[Array, ""] | None:
     """Validate a step budget: `None` or an integer JAX array of shape `()`."""
     if step_budget is None:
         return None
-    if not eqx.is_array(step_budget):
+    if not isinstance(step_budget, (jax.Array, np.ndarray)):
         raise TypeError(
             f"step_budget must be a JAX array or None, got {type(step_budget).__name__} "
             f"{step_budget!r}. Pass jnp.array({step_budget!r}) so that changing it does "
