@@ -7,7 +7,7 @@ through the `banax` entry-point group the first time a name is looked up.
 from importlib import metadata as _metadata
 
 from . import adjoint, hookspecs, regularization, solver, utils
-from ._adjoint import Adjoint, LinearSolveAdjoint, Problem, solve
+from ._adjoint import Adjoint, LinearSolveAdjoint, Problem, make_problem, solve
 from ._fspec import BoundFunction, FSpec, bind
 from ._layout import Layout
 from ._loop import FlatSolution, iterate, residual_norms, solve_flat
@@ -50,7 +50,7 @@ __all__ = [
     "PluginConflictError", "PluginError", "PluginFailure", "Problem", "Registration",
     "Result", "Solution", "Solver", "Stats", "TracedFunction", "UnknownNameError",
     "adjoint", "bind", "get_adjoint", "get_regularizer", "get_solver",
-    "half_normal_like", "hookimpl", "hookspecs", "iterate", "plugin_failures",
+    "half_normal_like", "hookimpl", "hookspecs", "iterate", "make_problem", "plugin_failures",
     "register_plugin", "registrations", "regularization", "residual_norms", "solve",
     "solve_flat", "solver", "trace_count", "trace_history", "trace_last",
     "trace_last_aux", "unregister_plugin", "utils", "zeros_like",

@@ -1,0 +1,133 @@
+"""What every regularizer shares: `f` as a flat map around a constant state `x*`.
+
+A call is validated exactly like a solve (the FSpec forms, `has_aux`, the output
+structure, `batch_axis`), then the state is flattened into the `(B, N)` form that
+solvers see: `B` samples of `N` entries each, `B = 1` outside batch mode. Reductions
+over the last axis are therefore per-sample in batch mode and over the whole state
+otherwise, so each regularizer is written once for both.
+
+Each regularizer draws its random vectors before entering its compiled core, which is
+then a deterministic function of them: eager calls of the same shapes share one
+compiled sampler instead of compiling it into every core.
+"""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from banax import FSpec, TracedFunction, make_problem
+from jaxtyping import Array, Float, PRNGKeyArray
+
+Flat = Float[Array, "batch features"]
+
+
+class FlatMap(eqx.Module):
+    """`z ↦ f(z)` on flat `(B, N)` arrays, computed around the constant state `z`.
+
+    Arithmetic outside `f` (probes, norms, means) runs in `z.dtype`, which is at
+    least float32 whatever the precision of the state; `f` itself runs in the
+    dtypes of the state.
+    """
+
+    f: TracedFunction
+    z: Flat
+    batched: bool = eqx.field(static=True)
+
+    def __call__(self, z: Flat) -> Flat:
+        return self.f.evaluate(z).astype(self.z.dtype)
+
+    @property
+    def features(self) -> int:
+        """`d`: the number of entries of one sample (of the whole state outside batch
+        mode)."""
+        return self.z.shape[-1]
+
+    def frozen(self) -> "FlatMap":
+        """The same map with gradients stopped at every array of the FSpec."""
+        bound = jax.tree.map(
+            lambda a: jax.lax.stop_gradient(a) if eqx.is_array(a) else a, self.f.bound
+        )
+        return eqx.tree_at(lambda m: m.f, self, self.f.with_bound(bound))
+
+    def output(self, per_sample: Float[Array, " batch"]) -> Float[Array, "*batch"]:
+        """Shape `(B,)` in batch mode, a scalar otherwise."""
+        return per_sample if self.batched else per_sample[0]
+
+
+def flat_map(f_spec: FSpec, x_star: Any, *, has_aux: bool, batch_axis: int | None,
+             name: str) -> FlatMap:
+    """Validate a regularizer call and build its `FlatMap`, with `x*` held constant.
+
+    The checks are a solve's, so their messages speak of `x0`; they are re-raised
+    naming the regularizer.
+    """
+    try:
+        problem = make_problem(
+            f_spec, x_star, has_aux=has_aux, trace=None, step_budget=None,
+            batch_axis=batch_axis,
+        )
+    except (TypeError, ValueError) as e:
+        where = " (x0 is x_star here.)" if "x0" in str(e) else ""
+        raise type(e)(f"{name}: {e}{where}") from e
+    layout = problem.f.layout
+    if jnp.issubdtype(layout.dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{name}: x_star has dtype {layout.dtype}; the regularizers use real probes "
+            "and support real floating-point states only. Split a complex state into "
+            "its real and imaginary parts."
+        )
+    dtype = jnp.promote_types(layout.dtype, jnp.float32)
+    z = jax.lax.stop_gradient(problem.z0).astype(dtype)
+    return FlatMap(problem.f, z, layout.batched)
+
+
+def sq_norms(u: Flat) -> Float[Array, " batch"]:
+    """Per-sample squared Euclidean norms."""
+    return jnp.sum(u * u, axis=-1)
+
+
+def norms(u: Flat) -> Float[Array, " batch"]:
+    """Per-sample Euclidean norms, with a zero (not NaN) gradient at zero."""
+    sq = sq_norms(u)
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1)), 0)
+
+
+def check_key(key: PRNGKeyArray | None, name: str) -> None:
+    """Reject a missing, non-key or batched `key` (a typed key or a raw uint32 one)."""
+    if key is None:
+        raise TypeError(
+            f"{name} draws random vectors and needs a PRNG key: pass "
+            "key=jax.random.key(seed) (split a fresh one at every training step); "
+            "got key=None."
+        )
+    typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    raw = isinstance(key, jax.Array) and key.dtype == jnp.uint32
+    if not (typed or raw):
+        described = type(key).__name__ + (f" of dtype {key.dtype}" if hasattr(key, "dtype")
+                                          else "")
+        raise TypeError(
+            f"{name}: key must be a PRNG key such as jax.random.key(seed), got "
+            f"{described}."
+        )
+    # A single typed key is a scalar; a single raw key is one row of uint32 words.
+    if (typed and key.ndim != 0) or (raw and key.ndim != 1):
+        raise ValueError(
+            f"{name}: key must be a single PRNG key, got an array of keys of shape "
+            f"{key.shape}; use one key per call (jax.vmap over the keys for several)."
+        )
+
+
+def check_n_steps(n_steps: int, name: str, what: str) -> int:
+    """Return `n_steps` as an int, rejecting anything but an integer >= 1 known at
+    trace time (it sets an array shape or a loop length)."""
+    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):
+        raise TypeError(
+            f"{name}: n_steps ({what}) must be a Python int >= 1, fixed at trace time; "
+            f"got {n_steps!r} of type {type(n_steps).__name__}."
+        )
+    if n_steps < 1:
+        raise ValueError(f"{name}: n_steps ({what}) must be >= 1, got {n_steps}.")
+    return int(n_steps)
