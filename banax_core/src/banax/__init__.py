@@ -8,6 +8,7 @@ from importlib import metadata as _metadata
 
 from . import adjoint, hookspecs, regularization, solver, utils
 from ._adjoint import Adjoint, LinearSolveAdjoint, Problem, make_problem, solve
+from ._deq import DEQ
 from ._fspec import BoundFunction, FSpec, bind
 from ._layout import Layout
 from ._loop import FlatSolution, iterate, residual_norms, solve_flat
@@ -45,7 +46,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
     __version__ = "0.0.0"
 
 __all__ = [
-    "Adjoint", "BanaxPluginWarning", "BoundFunction", "FSpec", "FlatSolution",
+    "Adjoint", "BanaxPluginWarning", "BoundFunction", "DEQ", "FSpec", "FlatSolution",
     "InvertibleStep", "Layout", "LinearSolveAdjoint", "LowRankInverseJacobian",
     "PluginConflictError", "PluginError", "PluginFailure", "Problem", "Registration",
     "Result", "Solution", "Solver", "Stats", "TracedFunction", "UnknownNameError",

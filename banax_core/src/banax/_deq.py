@@ -1,0 +1,263 @@
+"""`DEQ`: a deep equilibrium layer as an Equinox module."""
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, overload
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Int, PyTree
+
+from ._adjoint import Adjoint, _describe, _same_structure
+from ._registry import get_adjoint
+from ._solution import Solution
+from ._solver import Solver
+
+ComponentSpec = str | Mapping[str, Any]
+"""A registry name such as `"anderson"`, or `{"name": "anderson", **options}`."""
+
+INIT_RULES = ("zeros",)
+
+
+def _name_and_options(option: str, spec: ComponentSpec) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
+        options = dict(spec)
+        return options.pop("name"), options
+    raise TypeError(
+        f"DEQ: {option} must be an instance, a registry name such as 'implicit', or a "
+        f"dict {{'name': ..., **options}}; got {spec!r}."
+    )
+
+
+def _resolve_adjoint(
+    solver: Solver | ComponentSpec | None, adjoint: Adjoint | ComponentSpec
+) -> Adjoint:
+    if isinstance(adjoint, Adjoint):
+        if solver is not None:
+            raise TypeError(
+                "DEQ: adjoint is an instance, which already holds its solver; drop "
+                "solver=, or give the adjoint by name (adjoint='implicit') so that "
+                "solver= is passed to it."
+            )
+        return adjoint
+    name, options = _name_and_options("adjoint", adjoint)
+    if solver is not None:
+        if "solver" in options:
+            raise TypeError(
+                "DEQ: the solver is given twice, as solver= and inside the adjoint's "
+                "options; keep one."
+            )
+        options["solver"] = solver
+    return get_adjoint(name, **options)
+
+
+def _shape_tuple(state_shape: Any) -> tuple[int, ...]:
+    if isinstance(state_shape, int) and not isinstance(state_shape, bool):
+        state_shape = (state_shape,)
+    if not (
+        isinstance(state_shape, (tuple, list))
+        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                for s in state_shape)
+    ):
+        raise TypeError(
+            "DEQ: state_shape must be a tuple of positive ints (the shape of one "
+            f"sample's state, without the batch axis), got {state_shape!r}."
+        )
+    return tuple(state_shape)
+
+
+class DEQ(eqx.Module):
+    """A deep equilibrium layer: maps an input `x` to the fixed point `z*` of a cell.
+
+    The layer solves `z* = cell(z*, x)` with its adjoint's solver and returns `z*`,
+    which carries gradients to the cell's arrays and to `x` by the adjoint's rule (the
+    implicit function theorem for `"implicit"`: `θ̄ = (∂f/∂θ)ᵀ (I − ∂f/∂z)⁻ᵀ ḡ`). Use it
+    like any Equinox layer: inside `eqx.filter_jit`, `eqx.filter_value_and_grad` and an
+    optax update.
+
+    **Arguments:**
+
+    - `cell`: a callable `cell(z, x) -> z'`, usually an `eqx.Module` (its arrays are
+        the trainable parameters). It must return a state with the structure, shape
+        and dtype of `z`, and should be a contraction in `z` for the solve to converge.
+    - `solver`: a `Solver` instance, a registry name (`"anderson"`) or
+        `{"name": "anderson", **options}`. Leave it `None` when `adjoint` is an
+        instance (which already holds its solver).
+    - `adjoint`: an `Adjoint` instance, a registry name (`"implicit"`) or
+        `{"name": "implicit", **options}` (e.g. `{"name": "implicit", "b_solver":
+        "picard"}`); names are resolved by `banax.get_adjoint`.
+    - `init`: the initial state rule. `"zeros"` starts from zeros of `state_shape`
+        (in the dtype of the cell's and the input's arrays); a callable `x -> z0`
+        builds `z0` from the input. Gradients do not flow through `z0`.
+    - `state_shape`: the shape of one sample's state, without the batch axis; needed
+        by `init="zeros"`.
+
+    **Batch mode.** When the solver has `batch_axis=b` (e.g.
+    `solver={"name": "anderson", "batch_axis": 0}`), `x` must carry the batch on axis
+    `b` too; the zero state then gets the batch inserted at axis `b`, and each sample
+    has its own residual, stopping and statistics while the cell is called once on the
+    whole batch. Without a batch axis the state is exactly `state_shape`; map the layer
+    with `jax.vmap` for per-sample solves with per-example cost.
+
+    A DEQ is a poor choice when the cell is far from contractive: the solve then needs
+    many steps or fails (check `Solution.result`), and a few unrolled layers train
+    faster.
+    """
+
+    cell: Callable[..., Any]
+    adjoint: Adjoint
+    init: str | Callable[[Any], Any]
+    state_shape: tuple[int, ...] | None = eqx.field(static=True)
+
+    def __init__(
+        self,
+        cell: Callable[..., Any],
+        solver: Solver | ComponentSpec | None = None,
+        adjoint: Adjoint | ComponentSpec = "implicit",
+        *,
+        init: str | Callable[[Any], Any] = "zeros",
+        state_shape: int | tuple[int, ...] | None = None,
+    ):
+        if not callable(cell):
+            raise TypeError(
+                f"DEQ: cell must be callable as cell(z, x) -> z', got {type(cell).__name__}."
+            )
+        if isinstance(init, str):
+            if init not in INIT_RULES:
+                raise ValueError(
+                    f"DEQ: init must be one of {INIT_RULES} or a callable x -> z0, got "
+                    f"{init!r}."
+                )
+            if state_shape is None:
+                raise TypeError(
+                    "DEQ: init='zeros' needs state_shape, the shape of one sample's "
+                    "state (e.g. state_shape=(64,)); or pass init=lambda x: z0."
+                )
+        elif not callable(init):
+            raise TypeError(
+                f"DEQ: init must be one of {INIT_RULES} or a callable x -> z0, got "
+                f"{type(init).__name__}."
+            )
+        self.cell = cell
+        self.adjoint = _resolve_adjoint(solver, adjoint)
+        self.init = init
+        self.state_shape = None if state_shape is None else _shape_tuple(state_shape)
+
+    @property
+    def solver(self) -> Solver:
+        """The forward solver (held by the adjoint)."""
+        return self.adjoint.solver
+
+    def f_spec(self, x: PyTree) -> tuple[Callable[..., Any], tuple[Any]]:
+        """The `FSpec` `(cell, (x,))` of the fixed-point map `z ↦ cell(z, x)`.
+
+        Pass it to a regularizer to penalise the cell's Jacobian at the fixed point,
+        e.g. `banax.regularization.jacobian_spectral_norm(deq.f_spec(x), z, key=key)`.
+        """
+        return self.cell, (x,)
+
+    def initial_state(self, x: PyTree) -> PyTree:
+        """The state the solve starts from, by the `init` rule."""
+        if callable(self.init):
+            return self.init(x)
+        assert self.state_shape is not None
+        shape = self.state_shape
+        axis = self.solver.batch_axis
+        if axis is not None:
+            if axis > len(shape):
+                raise ValueError(
+                    f"DEQ: the solver's batch_axis={axis} is out of range for a state "
+                    f"of per-sample shape {shape}."
+                )
+            shape = shape[:axis] + (_batch_size(x, axis),) + shape[axis:]
+        return jnp.zeros(shape, _state_dtype(self.cell, x))
+
+    @overload
+    def __call__(
+        self, x: PyTree, *, z0: PyTree | None = None,
+        step_budget: Int[Array, ""] | None = None,
+        trace: tuple[Callable[..., Any], Any] | None = None,
+        return_solution: Literal[False] = False,
+    ) -> PyTree: ...
+
+    @overload
+    def __call__(
+        self, x: PyTree, *, z0: PyTree | None = None,
+        step_budget: Int[Array, ""] | None = None,
+        trace: tuple[Callable[..., Any], Any] | None = None,
+        return_solution: Literal[True],
+    ) -> tuple[PyTree, Solution]: ...
+
+    def __call__(
+        self,
+        x: PyTree,
+        *,
+        z0: PyTree | None = None,
+        step_budget: Int[Array, ""] | None = None,
+        trace: tuple[Callable[..., Any], Any] | None = None,
+        return_solution: bool = False,
+    ) -> PyTree | tuple[PyTree, Solution]:
+        """Solve `z* = cell(z*, x)`.
+
+        **Arguments:**
+
+        - `x`: the input (a pytree of arrays), with the batch on the solver's
+            `batch_axis` in batch mode.
+        - `z0`: a starting state overriding the `init` rule (e.g. the previous fixed
+            point, to warm-start).
+        - `step_budget`, `trace`: passed to the adjoint call (see `banax.Adjoint`).
+        - `return_solution`: also return the `Solution`, whose `stats` hold the steps
+            and residuals (per sample in batch mode) and `result` the outcome.
+
+        **Returns:** `z*`, or `(z*, solution)` when `return_solution=True`.
+        """
+        x = jax.tree.map(lambda a: a if eqx.is_array(a) else jnp.asarray(a), x)
+        if z0 is None:
+            z0 = self.initial_state(x)
+        _check_cell(self.cell, z0, x)
+        solution = self.adjoint(self.f_spec(x), z0, trace=trace, step_budget=step_budget)
+        return (solution.value, solution) if return_solution else solution.value
+
+
+def _batch_size(x: PyTree, axis: int) -> int:
+    shapes = [a.shape for a in jax.tree.leaves(x)]
+    sizes = {s[axis] for s in shapes if len(s) > axis}
+    if not shapes or len(sizes) != 1 or any(len(s) <= axis for s in shapes):
+        raise ValueError(
+            f"DEQ: in batch mode (the solver's batch_axis={axis}) every array of x must "
+            f"carry the batch on axis {axis} with one common size; got x of shapes "
+            f"{shapes}."
+        )
+    return sizes.pop()
+
+
+def _state_dtype(cell: Any, x: PyTree) -> Any:
+    """The dtype the cell computes in: that of its and the input's float arrays."""
+    dtypes = [a.dtype for a in jax.tree.leaves((cell, x)) if eqx.is_inexact_array(a)]
+    return jnp.result_type(*dtypes) if dtypes else jnp.result_type(float)
+
+
+def _check_cell(cell: Any, z0: PyTree, x: PyTree) -> None:
+    """Evaluate the cell abstractly so that a bad input fails here, in one line,
+    rather than deep inside the solver's loop."""
+    try:
+        out = eqx.filter_eval_shape(cell, z0, x)
+    except (TypeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"DEQ: the cell failed on x {_describe(_shapes(x))} with state "
+            f"{_describe(_shapes(z0))}: {type(error).__name__}: {reason} Check the "
+            "input's shape against the cell's (and state_shape)."
+        ) from None
+    if not _same_structure(out, jax.eval_shape(lambda z: z, z0)):
+        raise ValueError(
+            f"DEQ: the cell must return a state like the one it is given; the state is "
+            f"{_describe(_shapes(z0))} but cell(z, x) returned {_describe(_shapes(out))}. "
+            "Make state_shape (or the init rule) match the cell's output."
+        )
+
+
+def _shapes(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)

@@ -1,0 +1,102 @@
+"""`banax demo`, run as a user runs it: in a subprocess, through the command line."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import banax
+from banax import demo
+from banax.cli import build_parser, main
+
+
+def _banax(*args: str) -> subprocess.CompletedProcess:
+    """Run `banax ARGS...` in a fresh interpreter (float32, as for a user)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "banax.cli", *args], capture_output=True, text=True,
+        env=env, timeout=300,
+    )
+
+
+def test_demo_trains_to_high_accuracy_and_plots(tmp_path):
+    plot = tmp_path / "residual.png"
+    run = _banax("demo", "--epochs", "10", "--seed", "1", "--plot", str(plot))
+    assert run.returncode == 0, run.stderr
+    epochs = re.findall(
+        r"^epoch +(\d+)/10  loss ([\d.]+)  solver steps +([\d.]+)  residual ([\d.e+-]+)$",
+        run.stdout, re.MULTILINE,
+    )
+    assert [int(e[0]) for e in epochs] == list(range(1, 11))
+    losses = [float(e[1]) for e in epochs]
+    assert losses[-1] < 0.2 * losses[0]
+    assert all(float(e[2]) >= 1 and float(e[3]) < 1e-3 for e in epochs)
+    accuracy = re.search(r"^test accuracy ([\d.]+)% \((\d+)/360\)", run.stdout, re.MULTILINE)
+    assert accuracy is not None and float(accuracy.group(1)) >= 95.0
+    assert "step/s" in run.stderr or "step]" in run.stderr  # the progress bar
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_components_and_options_by_name():
+    """The names and options on the command line reach the layer's adjoint and solver;
+    an adjoint with a backward solver gets the forward solver's settings by default."""
+    parser = build_parser()
+    args = parser.parse_args([
+        "demo", "--solver", "broyden", "--solver-option", "history_size=4",
+        "--solver-option", "rtol=1e-4", "--adjoint", "implicit",
+        "--adjoint-option", "b_solver={'name': 'picard', 'max_steps': 7}",
+    ])
+    adjoint = demo._build_adjoint(args)
+    assert adjoint == banax.get_adjoint(
+        "implicit", solver=banax.get_solver("broyden", batch_axis=0, history_size=4, rtol=1e-4),
+        b_solver=banax.get_solver("picard", max_steps=7),
+    )
+    gdeq = demo._build_adjoint(parser.parse_args(["demo", "--solver", "broyden", "--adjoint", "gdeq"]))
+    assert gdeq == banax.get_adjoint("gdeq", solver=banax.get_solver("broyden", batch_axis=0))
+    default = demo._build_adjoint(parser.parse_args(["demo"]))
+    anderson = banax.get_solver("anderson", batch_axis=0)
+    assert default.solver == anderson and default.b_solver == anderson
+
+
+def test_unknown_name_from_the_shell_is_one_line_and_exit_2():
+    run = _banax("demo", "--adjoint", "implict")
+    assert run.returncode == 2 and run.stdout == ""
+    assert re.fullmatch(r"banax demo: No adjoint 'implict' is registered\. Registered "
+                        r"adjoints: bptt, gdeq, implicit, .*\.\n", run.stderr), run.stderr
+
+
+# The other bad inputs are checked in process (each subprocess costs a JAX start-up); the error
+# paths run before any training, exactly as from the shell.
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("--solver", "andersen"), r"No solver 'andersen' is registered\. Registered "
+                                   r"solvers: anderson, broyden, .*picard, relaxed, reversible"),
+        (("--adjoint", "implict"), r"No adjoint 'implict' is registered\. Registered "
+                                   r"adjoints: bptt, gdeq, implicit, jfb, "),
+        (("--solver-option", "rtol=-1"), r"rtol must be a non-negative number"),
+        (("--solver-option", "depht=3"), r"has no option\(s\) depht"),
+        (("--solver", "picard", "--adjoint", "gdeq"),
+         r"GDEQ: Picard does not expose low-rank inverse-Jacobian factors"),
+        (("--epochs", "0"), r"--epochs must be >= 1, got 0"),
+    ],
+    ids=["solver", "adjoint", "option-value", "option-name", "pairing", "epochs"],
+)
+def test_bad_input_is_one_line(capsys, args, expected):
+    assert main(["demo", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert re.fullmatch(f"banax demo: .*{expected}.*\n", err), err
+
+
+@pytest.mark.parametrize(
+    "hidden, args, needs",
+    [("optax", (), "optax"), ("sklearn", (), "scikit-learn"),
+     ("matplotlib", ("--plot", "out.png"), "matplotlib")],
+)
+def test_missing_dependency_says_what_to_install(monkeypatch, capsys, hidden, args, needs):
+    monkeypatch.setitem(sys.modules, hidden, None)  # makes `import hidden` fail
+    assert main(["demo", *args]) == 2
+    assert capsys.readouterr().err == f"banax demo: needs {needs}: pip install 'banax[demo]'\n"
