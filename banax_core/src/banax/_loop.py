@@ -67,15 +67,6 @@ def residual_norms(
     return abs_err, rel_err
 
 
-def _converged(solver: Solver, abs_err: Array, rel_err: Array) -> Array:
-    ok = abs_err == 0
-    if solver.atol > 0:
-        ok = ok | (abs_err <= solver.atol)
-    if solver.rtol > 0:
-        ok = ok | (rel_err <= solver.rtol)
-    return ok
-
-
 def _freeze(active: Bool[Array, " batch"], new: Any, old: Any) -> Any:
     """Keep `old` for the samples that are no longer active (batch axis first)."""
 
@@ -143,7 +134,7 @@ def iterate(
         abs_err=abs0,
         rel_err=rel0,
         steps=jnp.zeros(batch, jnp.int32),
-        done=_converged(solver, abs0, rel0) | bad0,
+        done=solver.meets_tolerance(abs0, rel0) | bad0,
         diverged=bad0,
         best=(z0, fz0, abs0, rel0) if solver.keep_best else None,
     )
@@ -174,7 +165,7 @@ def iterate(
             abs_err=abs_err,
             rel_err=rel_err,
             steps=c.steps + active.astype(jnp.int32),
-            done=c.done | _converged(solver, abs_err, rel_err) | bad,
+            done=c.done | solver.meets_tolerance(abs_err, rel_err) | bad,
             diverged=c.diverged | (active & bad),
             best=best,
         )
@@ -189,7 +180,7 @@ def iterate(
     z, fz, abs_err, rel_err = final.z, final.fz, final.abs_err, final.rel_err
     if solver.keep_best:
         z, fz, abs_err, rel_err = final.best
-    converged = _converged(solver, abs_err, rel_err) & ~final.diverged
+    converged = solver.meets_tolerance(abs_err, rel_err) & ~final.diverged
     result = _select(
         final.diverged, Result.DIVERGED, _select(converged, Result.CONVERGED, Result.MAX_STEPS)
     )

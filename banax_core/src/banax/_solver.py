@@ -4,7 +4,7 @@ import abc
 from typing import Any, Generic, TypeVar
 
 import equinox as eqx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 from ._layout import FlatState
 from ._trace import TracedFunction
@@ -91,6 +91,19 @@ class Solver(eqx.Module, Generic[SolverState]):
         such as a line search; adjoints that differentiate the step then refuse it.
         """
         return True
+
+    def meets_tolerance(
+        self, abs_err: Float[Array, " batch"], rel_err: Float[Array, " batch"]
+    ) -> Bool[Array, " batch"]:
+        """The loop's per-sample stopping test: `‖f(z) − z‖ = 0`, or `≤ atol` when
+        `atol > 0`, or `‖f(z) − z‖ / ‖f(z)‖ ≤ rtol` when `rtol > 0`. A step may call it to
+        skip work (a line search) on samples that already stop the loop."""
+        ok = abs_err == 0
+        if self.atol > 0:
+            ok = ok | (abs_err <= self.atol)
+        if self.rtol > 0:
+            ok = ok | (rel_err <= self.rtol)
+        return ok
 
     @abc.abstractmethod
     def init(self, z0: FlatState, fz0: FlatState) -> SolverState:

@@ -1,1 +1,17 @@
-"""placeholder during bootstrap"""
+"""banax-solvers: the built-in fixed-point solvers of banax, shipped as a plugin.
+
+`Picard`, `Relaxed`, `Reversible`, `Broyden` and `Anderson` are registered under the
+names `picard relaxed reversible broyden anderson` (see `plugin.py`), so they are
+reachable as `banax.get_solver("anderson")` and `banax.solver.Anderson`.
+"""
+
+from .anderson import Anderson, AndersonState
+from .broyden import Broyden, BroydenState
+from .picard import Picard
+from .relaxed import Relaxed
+from .reversible import Reversible, ReversibleState
+
+__all__ = [
+    "Anderson", "AndersonState", "Broyden", "BroydenState", "Picard", "Relaxed",
+    "Reversible", "ReversibleState",
+]

@@ -1,1 +1,17 @@
-"""Registers this distribution's components with banax (filled in by its issue)."""
+"""Registers the built-in solvers with banax, through the same hook a third-party
+plugin uses (entry point `solvers = "banax_solvers.plugin"` in the group `banax`)."""
+
+import banax
+
+from . import Anderson, Broyden, Picard, Relaxed, Reversible
+
+
+@banax.hookimpl
+def banax_solvers() -> dict[str, type]:
+    return {
+        "picard": Picard,
+        "relaxed": Relaxed,
+        "reversible": Reversible,
+        "broyden": Broyden,
+        "anderson": Anderson,
+    }

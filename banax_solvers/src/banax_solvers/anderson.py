@@ -1,0 +1,192 @@
+"""Anderson acceleration (Anderson mixing) for fixed-point problems."""
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from banax import Solver, TracedFunction
+
+from ._common import (
+    Flat,
+    after,
+    check_damp,
+    check_int,
+    check_nonnegative,
+    damped,
+    history_combine,
+    history_dot,
+    sample_dot,
+    work_dtype,
+)
+
+
+class AndersonState(eqx.Module):
+    """The last `depth` damped images and residuals per sample, with their Gram matrix.
+
+    For the stored iterates `z_i`: `image[b, i] = (1 − β) z_i + β f(z_i)` (what the next
+    iterate mixes) and `r[b, i] = f(z_i) − z_i` (what the mixing weights are fitted on),
+    both `(B, depth, N)`; `gram[b, i, j] = ⟨r[b, i], r[b, j]⟩` is `(B, depth, depth)`,
+    kept up to date one row and column per step. All are in at least float32. `count` is
+    the number of pairs stored so far (shared by all samples); the next one goes to slot
+    `count % depth`.
+    """
+
+    image: Float[Array, "batch depth features"]
+    r: Float[Array, "batch depth features"]
+    gram: Float[Array, "batch depth depth"]
+    count: Int[Array, ""]
+
+
+def _push(state: AndersonState, z: Flat, fz: Flat, damp: float) -> AndersonState:
+    """Store `z`'s damped image and residual in the oldest slot and refresh that row
+    and column of the Gram matrix: O(depth · N) per sample, instead of O(depth² · N)
+    for a rebuild."""
+    dtype = state.r.dtype
+    z, fz = z.astype(dtype), fz.astype(dtype)
+    r = fz - z
+    slot = state.count % state.r.shape[1]
+    # The new row of G is read from the old history, with the slot's own entry patched,
+    # so that the history is then updated in place (see `after`).
+    row = history_dot(state.r, r).at[:, slot].set(sample_dot(r, r))
+    gram = state.gram.at[:, slot, :].set(row).at[:, :, slot].set(row)
+    return AndersonState(
+        image=state.image.at[:, slot].set(damped(z, fz, damp)),
+        r=state.r.at[:, slot].set(after(r, row)),
+        gram=gram,
+        count=state.count + 1,
+    )
+
+
+def _cholesky_solve(a: Float[Array, "batch m m"], b: Float[Array, "batch m"]
+                    ) -> Float[Array, "batch m"]:
+    """Solve `a x = b` for symmetric positive semi-definite `a` with a unit-scale
+    diagonal, per sample, without `jnp.linalg`: a column-by-column Cholesky
+    factorisation `a = L Lᵀ` and two triangular solves, each a Python loop over the
+    (small, static) size `m`. Pivots are floored at the dtype's epsilon, so that a
+    numerically singular `a` (collinear residuals, `ridge=0`) gives large but finite
+    weights instead of NaN."""
+    m = a.shape[-1]
+    rows = jnp.arange(m)
+    floor = jnp.finfo(a.dtype).eps
+    lower = jnp.zeros_like(a)
+    for j in range(m):
+        # Columns >= j of `lower` are still zero, so this subtracts Σ_{k<j} L_ik L_jk.
+        col = a[:, :, j] - history_dot(lower, lower[:, j, :])
+        pivot = jnp.sqrt(jnp.maximum(col[:, j], floor))
+        lower = lower.at[:, :, j].set(jnp.where(rows > j, col / pivot[:, None], 0))
+        lower = lower.at[:, j, j].set(pivot)
+    y = jnp.zeros_like(b)
+    for i in range(m):
+        y = y.at[:, i].set((b[:, i] - jnp.sum(lower[:, i, :] * y, -1)) / lower[:, i, i])
+    x = jnp.zeros_like(b)
+    for i in reversed(range(m)):
+        x = x.at[:, i].set((y[:, i] - jnp.sum(lower[:, :, i] * x, -1)) / lower[:, i, i])
+    return x
+
+
+class Anderson(Solver[AndersonState]):
+    """Anderson acceleration: mix the last `depth` iterates to minimise the residual.
+
+    With iterates `z_i`, residuals `r_i = f(z_i) − z_i` (the last `m ≤ depth` of them)
+    and `β = damp`, each step solves the small constrained least-squares problem
+
+    `α = argmin ‖Σ_i α_i r_i‖²` subject to `Σ_i α_i = 1`,
+
+    with the Gram matrix `G_ij = ⟨r_i, r_j⟩`, and moves to
+
+    `z ← Σ_i α_i ((1 − β) z_i + β f(z_i))`.
+
+    With `D = diag(G)` and `λ = ridge`, the weights are `α = w / Σ_i w_i` where
+
+    `(D^{-1/2} G D^{-1/2} + λ I) D^{1/2} w = D^{-1/2} 1`,
+
+    i.e. the normal equations `G α ∝ 1` scaled to a unit diagonal, then regularised.
+    The scaling makes the small system well conditioned even when old residuals are
+    many orders of magnitude larger than recent ones (near convergence), and makes `λ`
+    a relative regulariser.
+
+    The state stores the damped images `(1 − β) z_i + β f(z_i)` rather than the iterates,
+    so a step reads the history twice (mixing, and the new Gram row), not three times.
+    `G` is updated incrementally (one new row and column per step, O(depth · N)), and
+    the small system is solved per sample in at least float32: with `jnp.linalg.solve`
+    (`use_linalg=True`), or with a hand-written Cholesky factorisation
+    (`use_linalg=False`, for backends or precisions without `jnp.linalg`). The two give
+    the same `α` up to rounding.
+
+    On linear problems Anderson behaves like a truncated GMRES, so it is much faster than
+    Picard when `∂f/∂z` has eigenvalues close to 1; it is the usual choice for DEQs. One
+    evaluation of `f` per step; the state holds `2 · depth` vectors per sample.
+
+    A poor choice far from the fixed point of a strongly nonlinear `f`, where the mixed
+    iterate can be worse than a Picard step (lower `damp`, or start with `Relaxed`), and
+    when memory is tight (use Picard, or a smaller `depth`).
+
+    **Arguments:**
+
+    - `depth`: number of past iterates mixed, an int >= 1. `depth=1` is `Relaxed`.
+        Default 5.
+    - `damp`: the mixing weight `β` of `f(z_i)` against `z_i`, in (0, 1]. Default 0.8.
+    - `ridge`: Tikhonov regularisation `λ` of the unit-diagonal Gram matrix, >= 0.
+        Default 1e-6.
+    - `use_linalg`: solve with `jnp.linalg.solve` (True) or with the hand-written
+        Cholesky factorisation (False). Default True.
+    - the options shared by every solver; see `banax.Solver`.
+    """
+
+    depth: int = eqx.field(default=5, static=True, kw_only=True)
+    damp: float = eqx.field(default=0.8, static=True, kw_only=True)
+    ridge: float = eqx.field(default=1e-6, static=True, kw_only=True)
+    use_linalg: bool = eqx.field(default=True, static=True, kw_only=True)
+
+    def __check_init__(self) -> None:
+        check_int(self, "depth", 1)
+        check_damp(self, allow_one=True)
+        check_nonnegative(self, "ridge")
+        if not isinstance(self.use_linalg, bool):
+            raise ValueError(
+                f"Anderson: use_linalg must be True or False, got {self.use_linalg!r}."
+            )
+
+    def init(self, z0: Flat, fz0: Flat) -> AndersonState:
+        dtype = work_dtype(z0.dtype)
+        batch, features = z0.shape
+        empty = AndersonState(
+            image=jnp.zeros((batch, self.depth, features), dtype),
+            r=jnp.zeros((batch, self.depth, features), dtype),
+            gram=jnp.zeros((batch, self.depth, self.depth), dtype),
+            count=jnp.asarray(0),
+        )
+        return _push(empty, z0, fz0, self.damp)
+
+    def step(
+        self, f: TracedFunction, z: Flat, fz: Flat, state: AndersonState, trace: Any
+    ) -> tuple[Flat, Flat, AndersonState, Any]:
+        valid = jnp.arange(self.depth) < state.count
+        alpha = self._weights(state.gram, valid)
+        z_next = history_combine(alpha, state.image).astype(z.dtype)
+        fz_next, trace = f(z_next, trace)
+        return z_next, fz_next, _push(state, z_next, fz_next, self.damp), trace
+
+    def _weights(self, gram: Float[Array, "batch depth depth"], valid: Bool[Array, " depth"]
+                 ) -> Float[Array, "batch depth"]:
+        """The mixing weights `α` per sample; zero on slots not filled yet."""
+        diag = jnp.where(valid, jnp.diagonal(gram, axis1=1, axis2=2), 0)
+        # A zero residual (an exact fixed point in the history) must not divide by zero:
+        # floor the scale far below the largest residual instead.
+        top = jnp.max(diag, -1, keepdims=True)
+        floor = jnp.where(top > 0, top * jnp.finfo(gram.dtype).eps ** 2, 1)
+        inv_sqrt = jnp.where(valid, jax.lax.rsqrt(jnp.maximum(diag, floor)), 0)
+        scaled = gram * inv_sqrt[:, :, None] * inv_sqrt[:, None, :]
+        # Empty slots get an identity row and column and a zero right-hand side, which
+        # makes their weight exactly 0.
+        system = scaled + jnp.eye(self.depth, dtype=gram.dtype) * jnp.where(
+            valid, self.ridge, 1)
+        if self.use_linalg:
+            w = jnp.linalg.solve(system, inv_sqrt[..., None])[..., 0]
+        else:
+            w = _cholesky_solve(system, inv_sqrt)
+        alpha = inv_sqrt * w
+        return alpha / jnp.sum(alpha, -1, keepdims=True)
