@@ -54,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.set_defaults(handler=_plugins)
     for name, (module_name, help_text) in _COMMANDS.items():
         module = importlib.import_module(module_name)
-        command = sub.add_parser(name, help=help_text, description=module.__doc__)
+        command = sub.add_parser(
+            name, help=help_text, description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(command)
         command.set_defaults(handler=module.run)
     return parser

@@ -1,0 +1,167 @@
+"""`banax --help`, `banax plugins` and `banax bench`, run as a user would, in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from helpers import dense_implicit_grad
+
+from banax.cli import main
+
+BANAX = str(Path(sys.executable).parent / "banax")
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [BANAX, *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def test_help_lists_every_command():
+    out = run("--help")
+    assert out.returncode == 0
+    for command in ("plugins", "demo", "bench"):
+        assert command in out.stdout
+
+
+def test_plugins_lists_names_with_distribution_and_version_and_failures(tmp_path):
+    info = tmp_path / "broken_cli_plugin-3.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-cli-plugin\nVersion: 3.1\n")
+    (info / "entry_points.txt").write_text("[banax]\nbroken = broken_cli_mod\n")
+    (tmp_path / "broken_cli_mod.py").write_text("import no_such_dependency_xyz\n")
+    out = run("plugins", env={"PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    halpern = next(line for line in lines if line.strip().startswith("halpern "))
+    assert "banax_example_plugin.Halpern" in halpern and "banax-example-plugin 0.1.0" in halpern
+    assert "failed plugins:" in out.stdout
+    failure = next(line for line in lines if "broken-cli-plugin" in line)
+    assert "3.1" in failure and "No module named 'no_such_dependency_xyz'" in failure
+
+
+def test_plugins_with_autoload_off_hides_third_party_plugins():
+    out = run("plugins", env={"BANAX_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert out.returncode == 0
+    assert "halpern" not in out.stdout
+    assert "autoloading is disabled" in out.stdout
+
+
+# --- banax bench ------------------------------------------------------------------
+# A tiny configuration of the benchmark problem keeps each run to a few compilations.
+TINY = ("--batch", "3", "--size", "16", "--repeats", "1", "--max-steps", "100")
+
+
+def _bench_problem(batch: int, features: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    from banax.bench import problem
+
+    params, x = problem(batch, features, seed=0)
+    return {k: np.asarray(v, np.float64) for k, v in params.items()}, np.asarray(x), x
+
+
+def _picard_steps(params: dict, x: np.ndarray, tol: float) -> np.ndarray:
+    """Per-sample Picard steps from z = 0 until ‖f(z) − z‖ ≤ tol, in float64 NumPy."""
+    injection = x @ params["U"].T + params["b"]
+    z = np.zeros_like(injection)
+    steps = np.full(len(z), -1)
+    for k in range(10_000):
+        fz = np.tanh(z @ params["W"].T + injection)
+        done = (np.linalg.norm(fz - z, axis=-1) <= tol) & (steps < 0)
+        steps[done] = k
+        if np.all(steps >= 0):
+            return steps
+        z = fz
+    raise AssertionError("Picard did not converge on the benchmark problem")
+
+
+def test_bench_problem_matches_the_spec():
+    from banax.bench import problem
+
+    params, x = problem(8, 64, seed=1)
+    assert all(v.dtype == np.float32 for v in (*params.values(), x))
+    w = np.asarray(params["W"], np.float64)
+    np.testing.assert_array_equal(w, w.T)
+    np.testing.assert_allclose(np.linalg.eigvalsh(w), np.linspace(0, 0.98, 64), atol=1e-5)
+    assert x.shape == (8, 64) and params["U"].shape == (64, 64)
+    assert 0.15 < np.std(np.asarray(x)) < 0.25
+
+
+def test_bench_reference_gradient_is_the_dense_implicit_gradient():
+    from banax.bench import reference_gradient
+
+    params, x64, x = _bench_problem(2, 6)
+    injection = x64 @ params["U"].T + params["b"]
+    z = np.zeros_like(injection)
+    for _ in range(3000):
+        z = np.tanh(z @ params["W"].T + injection)
+    target = np.roll(x64, 1, axis=0)
+
+    def f(z, theta):
+        w, u, b = theta
+        return jnp.tanh(z @ w.T + x64 @ u.T + b)
+
+    theta = tuple(jnp.asarray(params[k]) for k in ("W", "U", "b"))
+    expected = dense_implicit_grad(f, jnp.asarray(z), theta, jnp.asarray(z - target))
+    got = reference_gradient({k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, x)
+    for name, want in zip(("W", "U", "b"), expected):
+        np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-9)
+
+
+def test_bench_solvers_table_json_and_plot(tmp_path):
+    report, plot = tmp_path / "bench.json", tmp_path / "residuals.png"
+    out = run("bench", *TINY, "--solvers", "picard,reversible", "--no-train",
+              "--json", str(report), "--plot", str(plot))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {r["solver"]: r for r in json.loads(report.read_text())["solvers"]}
+    assert set(rows) == {"picard", "reversible"}
+    params, x, _ = _bench_problem(3, 16)
+    expected = _picard_steps(params, x, 1e-4)
+    picard, reversible = rows["picard"], rows["reversible"]
+    assert abs(picard["steps"] - expected.max()) <= 1
+    assert abs(picard["mean_steps"] - expected.mean()) <= 1
+    # f evaluations: the initial one, then one per Picard step, two per reversible step.
+    assert picard["evals"] == picard["steps"] + 1
+    assert reversible["evals"] == 2 * reversible["steps"] + 1
+    for row in rows.values():
+        assert row["converged"]
+        for key in ("forward_ms", "forward_f", "overhead", "compile_s", "t_f_ms"):
+            assert np.isfinite(row[key]) and row[key] > 0, key
+        assert f"| {row['solver']} | {row['steps']} / " in out.stdout
+    assert "picard overhead" in out.stdout
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_adjoints_gradient_error_and_memory(tmp_path):
+    report = tmp_path / "adjoints.json"
+    out = run("bench", *TINY, "--adjoints", "implicit,jfb,bptt", "--forward", "picard",
+              "--json", str(report))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {r["adjoint"]: r for r in json.loads(report.read_text())["adjoints"]}
+    # Implicit and a converged BPTT are exact up to the solver tolerance; JFB is biased.
+    assert rows["implicit"]["grad_error"] < 1e-2
+    assert rows["bptt"]["grad_error"] < 5e-2
+    assert rows["jfb"]["grad_error"] > 10 * rows["implicit"]["grad_error"]
+    # Implicit's memory does not depend on max_steps; checkpointed BPTT's grows.
+    assert rows["implicit"]["memory_wide_mb"] == rows["implicit"]["memory_mb"]
+    assert rows["bptt"]["memory_wide_mb"] > rows["bptt"]["memory_mb"]
+
+
+def test_bench_bad_input_gets_one_clear_line(capsys, monkeypatch, tmp_path):
+    # In process: these fail before any computation, so a subprocess would only add
+    # the start-up time.
+    assert main(["bench", "--solvers", "picard,no_such_solver"]) == 2
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "no_such_solver" in out and "anderson" in out
+    assert main(["bench", "--adjoints", "implicit,nope"]) == 2
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "nope" in out and "unroll_phantom" in out
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert main(["bench", *TINY, "--plot", str(tmp_path / "r.png")]) == 2
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "pip install matplotlib" in out
+    assert not (tmp_path / "r.png").exists()
