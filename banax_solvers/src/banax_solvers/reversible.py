@@ -36,8 +36,10 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
     `z_{k+1}`); both evaluations are traced as ordinary evaluations.
 
     A poor choice when you do not need the reversible adjoint: it costs two evaluations
-    of `f` per step and converges like `Relaxed`. Running the step backwards divides by
-    `1 − β`, which amplifies rounding errors when `β` is close to 1 or in low precision.
+    of `f` per step and converges like `Relaxed`. Running the step backwards amplifies
+    rounding errors by about `ρ / (1 − β)²` per step, where `ρ` is the contraction rate:
+    the reversible adjoint's gradients degrade on long solves of slowly contracting
+    cells, more so for `β` close to 1 or in low precision.
 
     **Arguments:**
 
