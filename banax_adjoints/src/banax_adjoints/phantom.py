@@ -11,6 +11,7 @@ truncation error shrinks like `ρ(J_β)^K`, so more steps approach `Implicit`.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -18,7 +19,7 @@ import jax
 import banax
 from banax import FlatSolution, Problem
 
-from ._backward import BackwardRuleAdjoint, Params, parameters, widened
+from ._backward import widened
 from ._validation import check_solver
 
 
@@ -30,7 +31,7 @@ def _check_damp(adjoint: str, damp: float, source: str) -> None:
         )
 
 
-class UnrollPhantom(BackwardRuleAdjoint):
+class UnrollPhantom(banax.BackwardRuleAdjoint):
     """Unrolled phantom gradient: backpropagate through a few relaxed steps from `z*`.
 
     Starting from the forward solver's fixed point `z₀ = z*` (not differentiated), run
@@ -71,11 +72,11 @@ class UnrollPhantom(BackwardRuleAdjoint):
 
     def backward(
         self, problem: Problem, forward: FlatSolution, g: jax.Array
-    ) -> tuple[Params, None]:
-        params, f_with = parameters(problem)
+    ) -> tuple[Any, None]:
+        params, f_with = problem.parameters()
         beta = self.damp
 
-        def unroll(p: Params) -> jax.Array:
+        def unroll(p: Any) -> jax.Array:
             f = f_with(p)
 
             def relaxed_step(z: jax.Array, _: None) -> tuple[jax.Array, None]:

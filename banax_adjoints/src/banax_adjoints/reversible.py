@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import banax
 from banax import FlatSolution, Problem
 
-from ._backward import BackwardRuleAdjoint, Params, parameters
 from ._validation import check_differentiable_step, check_solver
 
 
@@ -34,7 +33,7 @@ def _mask(active: jax.Array, cotangent: Any) -> Any:
     return _where_active(active, cotangent, jax.tree.map(jnp.zeros_like, cotangent))
 
 
-class Reversible(BackwardRuleAdjoint):
+class Reversible(banax.BackwardRuleAdjoint):
     """Exact gradient of a reversible solve, rebuilding the trajectory backwards.
 
     The forward solver's step is a map `(z, s) ↦ Φ(z, s; θ)` on the iterate and the
@@ -91,13 +90,13 @@ class Reversible(BackwardRuleAdjoint):
 
     def backward(
         self, problem: Problem, forward: FlatSolution, g: jax.Array
-    ) -> tuple[Params, jax.Array]:
+    ) -> tuple[Any, jax.Array]:
         solver = self.solver
-        params, f_with = parameters(problem)
+        params, f_with = problem.parameters()
         f = problem.f.evaluate
         steps = forward.stats.steps
 
-        def step(p: Params, z: jax.Array, s: Any) -> tuple[jax.Array, Any]:
+        def step(p: Any, z: jax.Array, s: Any) -> tuple[jax.Array, Any]:
             return solver.forward_map(f_with(p), z, s)
 
         def rewind(i: jax.Array, carry: tuple) -> tuple:
@@ -125,7 +124,7 @@ class Reversible(BackwardRuleAdjoint):
         )
         _, _, z_bar, s_bar, p_bar = jax.lax.fori_loop(0, jnp.max(steps), rewind, init)
 
-        def start(p: Params, z0: jax.Array) -> Any:
+        def start(p: Any, z0: jax.Array) -> Any:
             return solver.init(z0, f_with(p)(z0))
 
         _, vjp = eqx.filter_vjp(start, params, problem.z0)

@@ -7,7 +7,14 @@ through the `banax` entry-point group the first time a name is looked up.
 from importlib import metadata as _metadata
 
 from . import adjoint, hookspecs, regularization, solver, utils
-from ._adjoint import Adjoint, LinearSolveAdjoint, Problem, make_problem, solve
+from ._adjoint import (
+    Adjoint,
+    BackwardRuleAdjoint,
+    LinearSolveAdjoint,
+    Problem,
+    make_problem,
+    solve,
+)
 from ._deq import DEQ
 from ._fspec import BoundFunction, FSpec, bind
 from ._layout import Layout
@@ -46,8 +53,8 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
     __version__ = "0.0.0"
 
 __all__ = [
-    "Adjoint", "BanaxPluginWarning", "BoundFunction", "DEQ", "FSpec", "FlatSolution",
-    "InvertibleStep", "Layout", "LinearSolveAdjoint", "LowRankInverseJacobian",
+    "Adjoint", "BackwardRuleAdjoint", "BanaxPluginWarning", "BoundFunction", "DEQ", "FSpec",
+    "FlatSolution", "InvertibleStep", "Layout", "LinearSolveAdjoint", "LowRankInverseJacobian",
     "PluginConflictError", "PluginError", "PluginFailure", "Problem", "Registration",
     "Result", "Solution", "Solver", "Stats", "TracedFunction", "UnknownNameError",
     "adjoint", "bind", "get_adjoint", "get_regularizer", "get_solver",

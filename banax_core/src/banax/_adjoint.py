@@ -37,6 +37,22 @@ class Problem(eqx.Module):
     def batched(self) -> bool:
         return self.f.layout.batched
 
+    def parameters(self) -> tuple[Any, Callable[[Any], Callable[[FlatState], FlatState]]]:
+        """Split `f`'s parameters from the rest of it.
+
+        Returns `(params, f_with)`: `params` are the floating-point arrays in `f`'s
+        positional and keyword arguments and inside `f` itself when it is an
+        `eqx.Module` (`None` elsewhere), and `f_with(p)` is the untraced flat map
+        `(B, N) -> (B, N)` with parameters `p`. Differentiate through `f_with` to get
+        the cotangent of `params`.
+        """
+        params, static = eqx.partition(self.f.bound, eqx.is_inexact_array)
+
+        def f_with(p: Any) -> Callable[[FlatState], FlatState]:
+            return self.f.with_bound(eqx.combine(p, static)).evaluate
+
+        return params, f_with
+
 
 def solve(solver: Solver, problem: Problem) -> FlatSolution:
     """Run `solver` on `problem` through the shared loop (differentiable iff the loop
@@ -141,9 +157,11 @@ class Adjoint(eqx.Module):
     **Writing an adjoint.** Subclass, declare `solver: Solver` (and any options) as
     fields, and implement `solve(problem) -> FlatSolution`. Use `banax.solve(solver,
     problem)` for the forward pass; wrap it in your gradient rule (a custom VJP, a
-    stop-gradient plus a surrogate, ...). For rules of the form
-    `θ̄ = (∂f/∂θ)ᵀ λ, λ ≈ (I − Jᵀ)⁻¹ ḡ`, subclass `LinearSolveAdjoint` instead and write
-    only `adjoint_solve`. Reject invalid solver pairings in `__check_init__`.
+    stop-gradient plus a surrogate, ...). To write only the backward pass of an
+    untouched forward solve, subclass `BackwardRuleAdjoint` and implement `backward`;
+    for rules of the form `θ̄ = (∂f/∂θ)ᵀ λ, λ ≈ (I − Jᵀ)⁻¹ ḡ`, subclass
+    `LinearSolveAdjoint` and write only `adjoint_solve`. Reject invalid solver pairings
+    in `__check_init__`.
     """
 
     solver: eqx.AbstractVar[Solver]
@@ -172,7 +190,61 @@ def _solve_and_unflatten(adjoint: Adjoint, problem: Problem) -> Solution:
     return to_solution(problem, adjoint.solve(problem))
 
 
-class LinearSolveAdjoint(Adjoint):
+class BackwardRuleAdjoint(Adjoint):
+    """Base class of adjoints that supply the backward pass of an untouched forward solve.
+
+    The forward pass is `banax.solve(self.solver, problem)` under a custom VJP, so
+    nothing of the iteration is stored and any `loop_kind` works. On the backward pass
+    `backward(problem, forward, g)` receives the forward solve (gradients stopped) and
+    `ḡ = ∂L/∂z` and returns the cotangents of the parameters and of the initial state.
+    """
+
+    @abc.abstractmethod
+    def backward(
+        self, problem: Problem, forward: FlatSolution, g: FlatState
+    ) -> tuple[Any, FlatState | None]:
+        """Return `(θ̄, z̄₀)`.
+
+        `θ̄` has the structure of `problem.parameters()[0]`; `z̄₀` is the flat cotangent
+        of the initial state, or `None` when the rule gives it no gradient.
+        """
+
+    def solve(self, problem: Problem) -> FlatSolution:
+        return _solve_with_rule(problem, self)
+
+
+@eqx.filter_custom_vjp
+def _solve_with_rule(problem: Problem, adjoint: BackwardRuleAdjoint) -> FlatSolution:
+    return solve(adjoint.solver, problem)
+
+
+@_solve_with_rule.def_fwd
+def _solve_with_rule_fwd(perturbed, problem, adjoint):
+    del perturbed
+    forward = solve(adjoint.solver, problem)
+    return forward, forward
+
+
+@_solve_with_rule.def_bwd
+def _solve_with_rule_bwd(forward, grad_obj, perturbed, problem, adjoint):
+    cotangent = eqx.filter(problem, lambda _: False)
+    g = grad_obj.z
+    if g is None:
+        return cotangent
+    p_bar, z0_bar = adjoint.backward(problem, jax.lax.stop_gradient(forward), g)
+    is_none = lambda x: x is None  # noqa: E731
+    # Only arrays that were perturbed get a cotangent.
+    p_bar = jax.tree.map(
+        lambda wanted, grad: grad if wanted else None,
+        perturbed.f.bound, p_bar, is_leaf=is_none,
+    )
+    if not perturbed.z0:
+        z0_bar = None
+    cotangent = eqx.tree_at(lambda p: p.f.bound, cotangent, p_bar, is_leaf=is_none)
+    return eqx.tree_at(lambda p: p.z0, cotangent, z0_bar, is_leaf=is_none)
+
+
+class LinearSolveAdjoint(BackwardRuleAdjoint):
     """Adjoints of the implicit-function-theorem family.
 
     At a fixed point `z* = f(z*, θ)` the exact gradient of a loss `L(z*)` is
@@ -180,7 +252,7 @@ class LinearSolveAdjoint(Adjoint):
     Subclasses decide how to (approximately) compute `λ` in `adjoint_solve`; the
     forward solve, the custom VJP and the parameter VJP are done here once. The
     forward pass runs without storing its iterations, so memory does not depend on
-    `max_steps`.
+    `max_steps`. `x0` gets no gradient: the fixed point does not depend on it.
     """
 
     @abc.abstractmethod
@@ -196,44 +268,14 @@ class LinearSolveAdjoint(Adjoint):
         forward solve (its `state` holds e.g. inverse-Jacobian factors).
         """
 
-    def solve(self, problem: Problem) -> FlatSolution:
-        return _implicit_solve(problem, self)
-
-
-@eqx.filter_custom_vjp
-def _implicit_solve(problem: Problem, adjoint: LinearSolveAdjoint) -> FlatSolution:
-    return solve(adjoint.solver, problem)
-
-
-@_implicit_solve.def_fwd
-def _implicit_solve_fwd(perturbed, problem, adjoint):
-    del perturbed
-    forward = solve(adjoint.solver, problem)
-    return forward, forward
-
-
-@_implicit_solve.def_bwd
-def _implicit_solve_bwd(forward, grad_obj, perturbed, problem, adjoint):
-    no_grad = eqx.filter(problem, lambda _: False)
-    g = grad_obj.z
-    if g is None:
-        return no_grad
-    z_star = jax.lax.stop_gradient(forward.z)
-    params, static = eqx.partition(problem.f.bound, eqx.is_inexact_array)
-
-    def f_of(z: FlatState, p: Any) -> FlatState:
-        return problem.f.with_bound(eqx.combine(p, static)).evaluate(z)
-
-    # One linearisation at z* serves the backward solve and the parameter VJP: f is
-    # evaluated at z* once, and XLA drops the unused parameter cotangent inside the
-    # solve's loop.
-    _, vjp = jax.vjp(f_of, z_star, params)
-    lam = adjoint.adjoint_solve(lambda v: vjp(v)[0], g, forward)
-    _, p_bar = vjp(lam.astype(z_star.dtype))
-    p_bar = jax.tree.map(
-        lambda wanted, grad: grad if wanted else None,
-        perturbed.f.bound,
-        p_bar,
-        is_leaf=lambda x: x is None,
-    )
-    return eqx.tree_at(lambda p: p.f.bound, no_grad, p_bar, is_leaf=lambda x: x is None)
+    def backward(
+        self, problem: Problem, forward: FlatSolution, g: FlatState
+    ) -> tuple[Any, None]:
+        params, f_with = problem.parameters()
+        # One linearisation at z* serves the backward solve and the parameter VJP: f is
+        # evaluated at z* once, and XLA drops the unused parameter cotangent inside the
+        # solve's loop.
+        _, vjp = jax.vjp(lambda z, p: f_with(p)(z), forward.z, params)
+        lam = self.adjoint_solve(lambda v: vjp(v)[0], g, forward)
+        _, p_bar = vjp(lam.astype(forward.z.dtype))
+        return p_bar, None

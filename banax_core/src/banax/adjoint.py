@@ -1,13 +1,13 @@
 """Adjoints: how gradients flow through a fixed point.
 
-`Adjoint` and `LinearSolveAdjoint` are the base classes. The concrete adjoints
+`Adjoint`, `BackwardRuleAdjoint` and `LinearSolveAdjoint` are the base classes. The concrete adjoints
 (`BPTT`, `Implicit`, `JFB`, `GDEQ`, `UnrollPhantom`, `NeumannPhantom`, `Reversible`,
 and any a plugin adds) are resolved from the registry on attribute access.
 """
 
 from typing import TYPE_CHECKING, Any
 
-from ._adjoint import Adjoint, LinearSolveAdjoint, Problem, solve
+from ._adjoint import Adjoint, BackwardRuleAdjoint, LinearSolveAdjoint, Problem, solve
 from ._registry import REGISTRY, registrations
 
 if TYPE_CHECKING:
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "Adjoint", "LinearSolveAdjoint", "Problem", "solve",
+    "Adjoint", "BackwardRuleAdjoint", "LinearSolveAdjoint", "Problem", "solve",
     "BPTT", "GDEQ", "JFB", "Implicit", "NeumannPhantom", "Reversible", "UnrollPhantom",
 ]
 
