@@ -1,14 +1,14 @@
 """The standard banax benchmark, as a script: `python benchmarks/bench.py --help`.
 
 The same as `banax bench`: the problem, the columns and how they are timed are
-described in `banax.bench`, and measured tables are in docs/benchmarks.md and
+described in `banax.cli.bench`, and measured tables are in docs/benchmarks.md and
 docs/choosing.md.
 """
 
 import argparse
 import sys
 
-from banax import bench
+from banax.cli import bench
 
 
 def main() -> int:

@@ -12,3 +12,7 @@ import jax  # noqa: E402
 # float64 is the reference precision of the suite; float32/16/bf16 are tested by
 # passing explicit dtypes.
 jax.config.update("jax_enable_x64", True)
+# The strict modes Equinox, Optimistix and Lineax test under: every dtype promotion and
+# every rank broadcast in banax must be explicit.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")

@@ -58,7 +58,7 @@ TINY = ("--batch", "3", "--size", "16", "--repeats", "1", "--max-steps", "100")
 
 
 def _bench_problem(batch: int, features: int) -> tuple[dict, np.ndarray, np.ndarray]:
-    from banax.bench import problem
+    from banax.cli.bench import problem
 
     params, x = problem(batch, features, seed=0)
     return {k: np.asarray(v, np.float64) for k, v in params.items()}, np.asarray(x), x
@@ -80,7 +80,7 @@ def _picard_steps(params: dict, x: np.ndarray, tol: float) -> np.ndarray:
 
 
 def test_bench_problem_matches_the_spec():
-    from banax.bench import problem
+    from banax.cli.bench import problem
 
     params, x = problem(8, 64, seed=1)
     assert all(v.dtype == np.float32 for v in (*params.values(), x))
@@ -92,7 +92,7 @@ def test_bench_problem_matches_the_spec():
 
 
 def test_bench_reference_gradient_is_the_dense_implicit_gradient():
-    from banax.bench import reference_gradient
+    from banax.cli.bench import reference_gradient
 
     params, x64, x = _bench_problem(2, 6)
     injection = x64 @ params["U"].T + params["b"]

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import banax
-from banax import demo
+from banax.cli import demo
 from banax.cli import build_parser, main
 
 

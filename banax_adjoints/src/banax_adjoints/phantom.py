@@ -58,8 +58,8 @@ class UnrollPhantom(banax.BackwardRuleAdjoint):
     """
 
     solver: banax.Solver
-    n_steps: int = eqx.field(default=5, static=True, kw_only=True)
-    damp: float = eqx.field(default=1.0, static=True, kw_only=True)
+    n_steps: int = eqx.field(default=5, kw_only=True)
+    damp: float = eqx.field(default=1.0, kw_only=True)
 
     def __check_init__(self) -> None:
         check_solver("UnrollPhantom", "solver", self.solver)

@@ -7,18 +7,12 @@ through the `banax` entry-point group the first time a name is looked up.
 from importlib import metadata as _metadata
 
 from . import adjoint, hookspecs, regularization, solver, utils
-from ._adjoint import (
-    Adjoint,
-    BackwardRuleAdjoint,
-    LinearSolveAdjoint,
-    Problem,
-    make_problem,
-    solve,
-)
+from ._adjoint import Adjoint, BackwardRuleAdjoint, LinearSolveAdjoint, solve
 from ._deq import DEQ
 from ._fspec import BoundFunction, FSpec, bind
 from ._layout import Layout
 from ._loop import FlatSolution, iterate, residual_norms, solve_flat
+from ._problem import Problem, make_problem
 from ._registry import (
     BanaxPluginWarning,
     PluginConflictError,

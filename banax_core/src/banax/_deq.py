@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int, PyTree
 
-from ._adjoint import Adjoint, _describe, _same_structure
+from ._adjoint import Adjoint
+from ._problem import _describe, _same_structure
 from ._registry import get_adjoint
 from ._solution import Solution
 from ._solver import Solver
@@ -107,7 +108,9 @@ class DEQ(eqx.Module):
     """
 
     cell: Callable[..., Any]
-    adjoint: Adjoint
+    # Configuration, not parameters: static, so that a checkpoint of the layer holds only
+    # the cell's (and the init rule's) arrays and loads under any other solver or adjoint.
+    adjoint: Adjoint = eqx.field(static=True)
     init: str | Callable[[Any], Any]
     state_shape: tuple[int, ...] | None = eqx.field(static=True)
 

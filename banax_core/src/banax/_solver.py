@@ -46,12 +46,12 @@ class Solver(eqx.Module, Generic[SolverState]):
     evaluations that are not iterates (e.g. line search).
     """
 
-    atol: float = eqx.field(default=0.0, static=True, kw_only=True)
-    rtol: float = eqx.field(default=1e-5, static=True, kw_only=True)
-    max_steps: int = eqx.field(default=50, static=True, kw_only=True)
-    loop_kind: str = eqx.field(default="lax", static=True, kw_only=True)
-    batch_axis: int | None = eqx.field(default=None, static=True, kw_only=True)
-    keep_best: bool = eqx.field(default=False, static=True, kw_only=True)
+    atol: float = eqx.field(default=0.0, kw_only=True)
+    rtol: float = eqx.field(default=1e-5, kw_only=True)
+    max_steps: int = eqx.field(default=50, kw_only=True)
+    loop_kind: str = eqx.field(default="lax", kw_only=True)
+    batch_axis: int | None = eqx.field(default=None, kw_only=True)
+    keep_best: bool = eqx.field(default=False, kw_only=True)
 
     def __check_init__(self) -> None:
         name = type(self).__name__

@@ -7,7 +7,8 @@ and any a plugin adds) are resolved from the registry on attribute access.
 
 from typing import TYPE_CHECKING, Any
 
-from ._adjoint import Adjoint, BackwardRuleAdjoint, LinearSolveAdjoint, Problem, solve
+from ._adjoint import Adjoint, BackwardRuleAdjoint, LinearSolveAdjoint, solve
+from ._problem import Problem
 from ._registry import REGISTRY, registrations
 
 if TYPE_CHECKING:

@@ -136,10 +136,10 @@ class Anderson(Solver[AndersonState]):
     - the options shared by every solver; see `banax.Solver`.
     """
 
-    depth: int = eqx.field(default=5, static=True, kw_only=True)
-    damp: float = eqx.field(default=0.8, static=True, kw_only=True)
-    ridge: float = eqx.field(default=1e-6, static=True, kw_only=True)
-    use_linalg: bool = eqx.field(default=True, static=True, kw_only=True)
+    depth: int = eqx.field(default=5, kw_only=True)
+    damp: float = eqx.field(default=0.8, kw_only=True)
+    ridge: float = eqx.field(default=1e-6, kw_only=True)
+    use_linalg: bool = eqx.field(default=True, kw_only=True)
 
     def __check_init__(self) -> None:
         check_int(self, "depth", 1)

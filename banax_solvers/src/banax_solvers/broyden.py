@@ -92,9 +92,9 @@ class Broyden(Solver[BroydenState], LowRankInverseJacobian):
     - the options shared by every solver; see `banax.Solver`.
     """
 
-    history_size: int = eqx.field(default=10, static=True, kw_only=True)
-    ls_steps: int = eqx.field(default=0, static=True, kw_only=True)
-    spectral_clip: float | None = eqx.field(default=1.5, static=True, kw_only=True)
+    history_size: int = eqx.field(default=10, kw_only=True)
+    ls_steps: int = eqx.field(default=0, kw_only=True)
+    spectral_clip: float | None = eqx.field(default=1.5, kw_only=True)
 
     def __check_init__(self) -> None:
         check_int(self, "history_size", 1)

@@ -27,7 +27,7 @@ class Relaxed(Solver[None]):
     - the options shared by every solver; see `banax.Solver`.
     """
 
-    damp: float = eqx.field(default=0.8, static=True, kw_only=True)
+    damp: float = eqx.field(default=0.8, kw_only=True)
 
     def __check_init__(self) -> None:
         check_damp(self, allow_one=True)

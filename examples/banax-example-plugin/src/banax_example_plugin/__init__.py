@@ -31,7 +31,7 @@ class Halpern(banax.Solver[HalpernState]):
     weight of the anchor at the first step.
     """
 
-    anchor_scale: float = eqx.field(default=1.0, static=True)
+    anchor_scale: float = eqx.field(default=1.0)
 
     def __check_init__(self) -> None:
         if not 0 < self.anchor_scale <= 1:

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._deq import DEQ
-from ._registry import REGISTRY, UnknownNameError, get_adjoint
-from .utils import trace_history
+from .._deq import DEQ
+from .._registry import REGISTRY, UnknownNameError, get_adjoint
+from ..utils import trace_history
 
 _EXTRA = "pip install 'banax[demo]'"
 # What the demo imports beyond banax: import name -> distribution name.
