@@ -299,16 +299,28 @@ def test_broyden_factors_satisfy_the_secant_condition():
 
 
 def test_reversible_step_runs_backwards():
-    s = banax.get_solver("reversible", damp=0.6)
+    s = banax.get_solver("reversible", damp=0.6).recording()
     (w, *_), _ = batch_problem(linear=True)
     fn = lambda z: z @ (0.9 * w).T + 1.0  # noqa: E731
     z0 = jax.random.normal(jax.random.key(6), (2, 5))
-    z, state = z0, s.init(z0, fn(z0))
+    states = [(z0, s.init(z0, fn(z0)))]
     for _ in range(3):
-        z, state = s.forward_map(fn, z, state)
+        states.append(s.forward_map(fn, *states[-1]))
     # forward_map is exactly the loop's step.
     flat = banax.iterate(s, lambda v, t, tag=None: (fn(v), t), z0, None, jnp.asarray(3))
-    assert jnp.allclose(flat.z, z, rtol=1e-14) and jnp.allclose(flat.state.y, state.y, rtol=1e-14)
-    for _ in range(3):
+    assert eqx.tree_equal((flat.z, flat.state), states[-1])
+    # Each step runs backwards bit for bit, the first one back to the off-grid z0 (the
+    # digit buffer stays as the forward filled it).
+    z, state = states[-1]
+    for expected_z, expected in reversed(states[:-1]):
         z, state = s.inverse_map(fn, z, state)
-    assert jnp.allclose(z, z0, atol=1e-12) and jnp.allclose(state.y, z0, atol=1e-12)
+        expected = eqx.tree_at(lambda t: t.remainders, expected, state.remainders)
+        assert eqx.tree_equal((z, state), (expected_z, expected))
+
+
+def test_reversible_inverse_needs_the_recorded_digits():
+    s = banax.get_solver("reversible")
+    z0 = jnp.zeros((1, 3))
+    z, state = s.forward_map(jnp.cos, z0, s.init(z0, jnp.cos(z0)))
+    with pytest.raises(ValueError, match="inverse_map needs the digits.*recording()"):
+        s.inverse_map(jnp.cos, z, state)

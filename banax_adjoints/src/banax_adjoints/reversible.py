@@ -73,7 +73,7 @@ class Reversible(banax.BackwardRuleAdjoint):
     def __check_init__(self) -> None:
         check_solver("Reversible", "solver", self.solver)
         if not isinstance(self.solver, banax.InvertibleStep):
-            raise ValueError(
+            raise banax.PairingError(
                 f"Reversible: {type(self.solver).__name__} cannot invert its step (it "
                 "lacks the banax.InvertibleStep capability). Use the reversible solver, "
                 "Reversible(solver=banax.get_solver('reversible', damp=0.8)), or BPTT "
@@ -87,6 +87,12 @@ class Reversible(banax.BackwardRuleAdjoint):
                 "reversible adjoint rewinds from the last one. Set keep_best=False, or "
                 "use BPTT or Implicit."
             )
+
+    def solve(self, problem: Problem) -> FlatSolution:
+        # The forward solve keeps what the rewind needs (for the reversible solver, the
+        # digits its step drops); `backward` then sees the same recording solver.
+        recording = eqx.tree_at(lambda a: a.solver, self, self.solver.recording())
+        return super(Reversible, recording).solve(problem)
 
     def backward(
         self, problem: Problem, forward: FlatSolution, g: jax.Array

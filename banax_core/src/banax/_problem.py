@@ -9,14 +9,14 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Int
 
-from ._fspec import FSpec, bind
-from ._layout import FlatState, layout_of
+from ._fspec import BoundFunction, FSpec, bind
+from ._layout import FlatState, as_state, layout_of
 from ._loop import FlatSolution, check_step_budget
 from ._solution import Solution
-from ._trace import TracedFunction
+from ._trace import TracedFunction, check_trace
 
 
 class Problem(eqx.Module):
@@ -76,6 +76,34 @@ def make_problem(
     has_aux: bool,
     trace: tuple[Callable[..., Any], Any] | None,
     step_budget: Any,
+def _same_shapes(a: Any, b: Any) -> bool:
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        x.shape == y.shape for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def _evaluate(bound: BoundFunction, x0: Any) -> Any:
+    """`f(x0)` abstractly; an error of f's own is re-raised saying how f was called."""
+    try:
+        return eqx.filter_eval_shape(bound, x0)
+    except (TypeError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
+        hint = ""
+        if len(bound.args) == 1 and isinstance(bound.args[0], list):
+            hint = (
+                " The second element of f_spec is a list, which f receives as ONE "
+                "argument; pass a tuple, (f, (a, b)), to give f several."
+            )
+        keywords = f" and keywords {sorted(bound.kwargs)}" if bound.kwargs else ""
+        raise (TypeError if isinstance(error, TypeError) else ValueError)(
+            f"f failed when called as f(x0, *args, **kwargs) with x0 "
+            f"{_describe(jax.eval_shape(lambda: x0))}, {len(bound.args)} extra "
+            f"positional argument(s){keywords}: {type(error).__name__}: {reason}{hint} "
+            "Check that x0 has the structure and shapes f expects and that f_spec passes "
+            "f's extra arguments: f, (f, arg), (f, (arg1, arg2)) or (f, args, kwargs)."
+        ) from error
+
+
     batch_axis: int | None,
 ) -> Problem:
     """Validate a call and build its `Problem`; every error here is raised at trace
@@ -84,10 +112,12 @@ def make_problem(
     if not isinstance(has_aux, bool):
         raise TypeError(f"has_aux must be True or False, got {has_aux!r}.")
     budget = check_step_budget(step_budget)
-    x0 = jax.tree.map(lambda x: x if eqx.is_array(x) else jnp.asarray(x), x0)
+    x0 = as_state(x0)
     layout = layout_of(x0, batch_axis)
     x_shape = jax.eval_shape(lambda x: x, x0)
-    out = eqx.filter_eval_shape(bound, x0)
+    out = _evaluate(bound, x0)
+    if isinstance(has_aux, np.bool_):
+        has_aux = bool(has_aux)
     if has_aux:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise TypeError(
@@ -102,31 +132,28 @@ def make_problem(
             " If f returns (fx, f_aux), pass has_aux=True."
             if not has_aux and isinstance(out, tuple) and len(out) == 2 else ""
         )
+        if not _same_structure(fx, x_shape) and _same_structure(out, x_shape):
+            raise ValueError(
+                "has_aux=True, so f's output was taken apart as (fx, f_aux), but the "
+                f"whole output is the state: x0 is {_describe(x_shape)} and f(x0) is "
+                f"{_describe(out)}. Pass has_aux=False, or return the auxiliary output "
+                "beside the state: return (fx1, fx2), f_aux."
+            )
         raise ValueError(
             "f must return a state with the same pytree structure, shapes and dtypes as "
+    if _same_shapes(fx, x_shape) and not _same_structure(fx, x_shape):
+        dtype = jax.tree.leaves(fx)[0].dtype
+        raise ValueError(
+            f"f changes the state's dtype: x0 is {_describe(x_shape)} but f(x0) is "
+            f"{_describe(fx)}. The solver iterates in x0's dtype: pass x0 in the dtype f "
+            f"computes in (e.g. x0.astype(jnp.{dtype})), or make f return its output in "
+            "the state's dtype (fx.astype(x.dtype))."
+        )
             f"x0. x0 is {_describe(x_shape)} but f(x0) is {_describe(fx)}.{hint}"
         )
     trace_fn, trace_init = None, None
     if trace is not None:
-        if not (isinstance(trace, tuple) and len(trace) == 2 and callable(trace[0])):
-            raise TypeError(
-                "trace must be a pair (trace_fn, trace_init) with "
-                "trace_fn(acc, x, fx, f_aux) -> acc; see banax.trace_count and friends."
-            )
-        trace_fn = trace[0]
-        trace_init = jax.tree.map(jnp.asarray, trace[1])
-        acc_out = jax.eval_shape(trace_fn, trace_init, x_shape, fx, aux)
-        init_shape = jax.eval_shape(lambda t: t, trace_init)
-        same = jax.tree.structure(acc_out) == jax.tree.structure(init_shape) and all(
-            a.shape == b.shape for a, b in
-            zip(jax.tree.leaves(acc_out), jax.tree.leaves(init_shape))
-        )
-        if not same:
-            raise ValueError(
-                "trace_fn must return an accumulator with the structure and shapes of "
-                f"trace_init: trace_init is {_describe(init_shape)} but trace_fn returned "
-                f"{_describe(acc_out)}."
-            )
+        trace_fn, trace_init = check_trace(trace, x_shape, fx, aux)
     f = TracedFunction(bound, layout, has_aux, trace_fn)
     return Problem(f=f, z0=layout.flatten(x0), trace_init=trace_init, step_budget=budget)
 

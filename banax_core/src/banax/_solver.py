@@ -141,10 +141,20 @@ class InvertibleStep(eqx.Module):
 
     The step is viewed as a map `(z, state) -> (z', state')` that calls an untraced
     `f: (B, N) -> (B, N)`. `forward_map` must compute exactly the iterate and state that
-    `step` computes, and `inverse_map(f, *forward_map(f, z, state))` must give back
-    `(z, state)` up to rounding. The reversible adjoint uses the pair to rebuild the
-    trajectory backwards in O(1) memory.
+    `step` computes, and for every state a solve of `recording()` produced (from `init`
+    on), `inverse_map(f, *forward_map(f, z, state))` must give back `(z, state)`: bit
+    for bit, or the adjoint's gradient drifts as the rewind amplifies the difference.
+    The reversible adjoint runs its forward solve with `recording()` and then uses the
+    pair to rebuild the trajectory backwards.
+
+    `recording()` returns the solver set up to keep, during the solve, whatever the
+    inverse needs beyond the final state (the reversible solver keeps the digits its
+    fixed-point step drops: a few bits per element per step). The default keeps
+    nothing: the solver itself.
     """
+
+    def recording(self) -> "InvertibleStep":
+        return self
 
     @abc.abstractmethod
     def forward_map(self, f: Any, z: FlatState, state: Any) -> tuple[FlatState, Any]:
