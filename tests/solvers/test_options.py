@@ -1,7 +1,11 @@
 """Solver options: defaults of the seed's tables, the registry names, and bad values
 rejected at construction with a message naming the option, the value and the range."""
 
+import equinox as eqx
 import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import given
 
@@ -56,46 +60,142 @@ def test_line_search_makes_broyden_step_non_differentiable():
 
 
 BAD = [
-    ("relaxed", "damp", 0.0, "(0, 1]"),
-    ("relaxed", "damp", 1.2, "(0, 1]"),
-    ("relaxed", "damp", -0.5, "(0, 1]"),
-    ("anderson", "damp", 1.5, "(0, 1]"),
-    ("anderson", "damp", "0.5", "(0, 1]"),
-    ("reversible", "damp", 1.0, "1 - damp"),
-    ("reversible", "damp", 0.0, "(0, 1)"),
-    ("anderson", "depth", 0, ">= 1"),
-    ("anderson", "depth", 2.0, ">= 1"),
-    ("broyden", "history_size", 0, ">= 1"),
-    ("broyden", "ls_steps", -1, ">= 0"),
-    ("broyden", "spectral_clip", 0.0, "> 0"),
-    ("broyden", "spectral_clip", -1.0, "None"),
-    ("anderson", "ridge", -1e-6, ">= 0"),
-    ("anderson", "use_linalg", 1, "True or False"),
-    ("picard", "atol", -1e-3, "non-negative"),
-    ("broyden", "rtol", -1.0, "non-negative"),
-    ("anderson", "max_steps", 0, ">= 1"),
-    ("relaxed", "loop_kind", "scan", "checkpointed"),
+    # (solver, option, value, exception, words of the message)
+    ("relaxed", "damp", 0.0, ValueError, "(0, 1]"),
+    ("relaxed", "damp", 1.2, ValueError, "(0, 1]"),
+    ("relaxed", "damp", -0.5, ValueError, "(0, 1]"),
+    ("relaxed", "damp", float("nan"), ValueError, "(0, 1]"),
+    ("relaxed", "damp", True, TypeError, "(a bool)"),
+    ("anderson", "damp", 1.5, ValueError, "(0, 1]"),
+    ("anderson", "damp", "0.5", TypeError, "(0, 1]"),
+    ("reversible", "damp", 1.0, ValueError, "1 - damp"),
+    ("reversible", "damp", 0.0, ValueError, "(0, 1)"),
+    ("anderson", "depth", 0, ValueError, ">= 1"),
+    ("anderson", "depth", 2.0, TypeError, "an int >= 1"),
+    ("anderson", "depth", True, TypeError, "(a bool)"),
+    ("broyden", "history_size", 0, ValueError, ">= 1"),
+    ("broyden", "ls_steps", -1, ValueError, "non-negative int"),
+    ("broyden", "spectral_clip", 0.0, ValueError, "positive finite number"),
+    ("broyden", "spectral_clip", -1.0, ValueError, "or None"),
+    ("broyden", "spectral_clip", float("inf"), ValueError, "positive finite number"),
+    ("anderson", "ridge", -1e-6, ValueError, "non-negative finite number"),
+    ("anderson", "ridge", float("inf"), ValueError, "non-negative finite number"),
+    ("anderson", "ridge", float("nan"), ValueError, "non-negative finite number"),
+    ("anderson", "use_linalg", 1, TypeError, "True or False"),
+    ("anderson", "use_linalg", "yes", TypeError, "True or False"),
+    ("picard", "atol", -1e-3, ValueError, "non-negative"),
+    ("picard", "atol", float("nan"), ValueError, "finite"),
+    ("picard", "atol", float("inf"), ValueError, "finite"),
+    ("picard", "atol", True, TypeError, "(a bool)"),
+    ("picard", "rtol", "1e-5", TypeError, "non-negative"),
+    ("broyden", "rtol", -1.0, ValueError, "non-negative"),
+    ("broyden", "rtol", float("-inf"), ValueError, "0.0 disables it"),
+    ("anderson", "max_steps", 0, ValueError, ">= 1"),
+    ("anderson", "max_steps", True, TypeError, "step_budget=jnp.array(k)"),
+    ("picard", "max_steps", 50.0, TypeError, "an int >= 1"),
+    ("picard", "max_steps", float("inf"), TypeError, "an int >= 1"),
+    ("relaxed", "loop_kind", "scan", ValueError, "checkpointed"),
+    ("picard", "keep_best", "no", TypeError, "True or False"),
+    ("picard", "keep_best", 1, TypeError, "True or False"),
+    ("picard", "batch_axis", -1, ValueError, "None or a non-negative int"),
+    ("picard", "batch_axis", 0.0, TypeError, "None or a non-negative int"),
 ]
 
 
-@pytest.mark.parametrize("name, option, value, hint", BAD,
-                         ids=[f"{n}-{o}={v!r}" for n, o, v, _ in BAD])
-def test_bad_options_fail_at_construction(name, option, value, hint):
-    with pytest.raises(ValueError) as info:
+@pytest.mark.parametrize("name, option, value, error, hint", BAD,
+                         ids=[f"{n}-{o}={v!r}" for n, o, v, _, _ in BAD])
+def test_bad_options_fail_at_construction(name, option, value, error, hint):
+    with pytest.raises(error) as info:
         banax.get_solver(name, **{option: value})
     message = str(info.value)
-    assert option in message and repr(value) in message and hint in message
+    cls = CLASSES[name].__name__
+    assert message.startswith(f"{cls}: {option} must be ")
+    assert repr(value) in message and hint in message
+
+
+@pytest.mark.parametrize("name, option", [("picard", "atol"), ("anderson", "damp"),
+                                          ("broyden", "max_steps")])
+def test_jax_arrays_are_refused_as_options(name, option):
+    value = jnp.asarray(1 if option == "max_steps" else 0.5)
+    with pytest.raises(TypeError, match=f"{option} must be a Python .*compile-time"):
+        banax.get_solver(name, **{option: value})
+
+
+NUMPY = [
+    ("picard", "rtol", np.float32(0.5), float),
+    ("picard", "atol", np.float64(1e-6), float),
+    ("picard", "max_steps", np.int64(50), int),
+    ("picard", "max_steps", np.int32(7), int),
+    ("picard", "keep_best", np.bool_(True), bool),
+    ("picard", "batch_axis", np.int64(0), int),
+    ("picard", "loop_kind", np.str_("bounded"), str),
+    ("relaxed", "damp", np.float32(0.5), float),
+    ("anderson", "damp", np.float64(1.0), float),
+    ("anderson", "depth", np.int64(3), int),
+    ("anderson", "ridge", np.float32(1e-4), float),
+    ("anderson", "use_linalg", np.bool_(False), bool),
+    ("broyden", "history_size", np.int16(4), int),
+    ("broyden", "ls_steps", np.uint8(2), int),
+    ("broyden", "spectral_clip", np.float32(1.5), float),
+    ("reversible", "damp", np.float32(0.5), float),
+]
+
+
+@pytest.mark.parametrize("name, option, value, kind", NUMPY,
+                         ids=[f"{n}-{o}={v!r}" for n, o, v, _ in NUMPY])
+def test_numpy_scalars_are_accepted_as_the_equal_python_scalar(name, option, value, kind):
+    """Configurations loaded through NumPy/YAML give NumPy scalars; they become Python
+    scalars, which `eqx.filter_jit` treats as static (a NumPy scalar would be traced)."""
+    solver = banax.get_solver(name, **{option: value})
+    stored = getattr(solver, option)
+    assert type(stored) is kind and stored == value.item()
+    assert solver == banax.get_solver(name, **{option: value.item()})
+    assert hash(solver) == hash(banax.get_solver(name, **{option: value.item()}))
+    assert not any(eqx.is_array(leaf) for leaf in jax.tree.leaves(solver))
+
+
+def test_numpy_options_run_under_jit_like_python_ones():
+    w = jnp.array([[0.5, 0.1], [0.0, 0.4]])
+
+    def steps(solver):
+        adjoint = banax.adjoint.JFB(solver=solver)
+        return int(eqx.filter_jit(adjoint)((lambda x, w: w @ x + 1.0, w),
+                                           jnp.zeros(2)).stats.steps)
+
+    python = banax.get_solver("anderson", rtol=1e-6, max_steps=40, depth=3, damp=0.9)
+    numpy = banax.get_solver("anderson", rtol=np.float64(1e-6), max_steps=np.int64(40),
+                             depth=np.int32(3), damp=np.float32(0.9))
+    assert steps(numpy) == steps(python)
+
+
+@given(value=st.one_of(
+    st.floats(), st.integers(-5, 5), st.booleans(), st.none(), st.text(max_size=3),
+))
+def test_tolerances_accept_exactly_the_finite_non_negative_numbers(value):
+    valid = (isinstance(value, (int, float)) and not isinstance(value, bool)
+             and np.isfinite(value) and value >= 0)
+    for option in ("atol", "rtol"):
+        if valid:
+            assert getattr(banax.get_solver("picard", **{option: value}), option) == value
+            np_value = np.float64(value)
+            assert getattr(banax.get_solver("picard", **{option: np_value}), option) == value
+        else:
+            with pytest.raises((TypeError, ValueError), match=f"Picard: {option} must be"):
+                banax.get_solver("picard", **{option: value})
 
 
 @given(damp=st.floats(allow_nan=False, allow_infinity=False))
 def test_damp_is_accepted_exactly_on_its_interval(damp):
-    for name, upper_ok in (("relaxed", True), ("anderson", True), ("reversible", False)):
-        valid = 0 < damp < 1 or (upper_ok and damp == 1)
-        if valid:
+    for name in ("relaxed", "anderson"):
+        if 0 < damp <= 1:
             assert banax.get_solver(name, damp=damp).damp == damp
+            assert banax.get_solver(name, damp=np.float64(damp)).damp == damp
         else:
-            with pytest.raises(ValueError, match="damp"):
+            with pytest.raises(ValueError, match="damp must be a number in"):
                 banax.get_solver(name, damp=damp)
+    if not 0 < damp < 1:
+        with pytest.raises(ValueError, match=r"damp must be a number in \(0, 1\)"):
+            banax.get_solver("reversible", damp=damp)
 
 
 @given(value=st.integers(-3, 12))
@@ -103,6 +203,14 @@ def test_history_lengths_are_accepted_exactly_from_one(value):
     for name, option in (("anderson", "depth"), ("broyden", "history_size")):
         if value >= 1:
             assert getattr(banax.get_solver(name, **{option: value}), option) == value
+            assert getattr(banax.get_solver(name, **{option: np.int64(value)}), option) == value
         else:
             with pytest.raises(ValueError, match=option):
                 banax.get_solver(name, **{option: value})
+
+
+def test_options_are_plain_fields_that_tree_at_edits():
+    solver = banax.get_solver("anderson", rtol=1e-3)
+    edited = eqx.tree_at(lambda s: (s.rtol, s.depth, s.damp), solver, (1e-9, 2, 0.5))
+    assert (edited.rtol, edited.depth, edited.damp) == (1e-9, 2, 0.5)
+    assert solver.rtol == 1e-3

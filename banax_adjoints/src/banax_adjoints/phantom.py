@@ -24,11 +24,11 @@ from ._validation import check_solver
 
 
 def _check_damp(adjoint: str, damp: float, source: str) -> None:
-    if not isinstance(damp, (int, float)) or not 0 < damp <= 1:
-        raise ValueError(
-            f"{adjoint}: {source} must be in (0, 1], got {damp!r}; it weighs f in the "
-            "relaxed step (1 − damp) z + damp f(z), and damp=1 is the plain step."
-        )
+    banax.check_real(
+        adjoint, source, damp, low=0, high=1, low_open=True,
+        why="; it weighs f in the relaxed step (1 − damp) z + damp f(z), and damp=1 is "
+            "the plain step",
+    )
 
 
 class UnrollPhantom(banax.BackwardRuleAdjoint):

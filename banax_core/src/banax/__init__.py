@@ -12,6 +12,7 @@ from ._deq import DEQ
 from ._fspec import BoundFunction, FSpec, bind
 from ._layout import Layout
 from ._loop import FlatSolution, iterate, residual_norms, solve_flat
+from ._options import check_choice, check_flag, check_integer, check_real, normalise_options
 from ._problem import Problem, make_problem
 from ._registry import (
     BanaxPluginWarning,
@@ -51,8 +52,9 @@ __all__ = [
     "FlatSolution", "InvertibleStep", "Layout", "LinearSolveAdjoint", "LowRankInverseJacobian",
     "PluginConflictError", "PluginError", "PluginFailure", "Problem", "Registration",
     "Result", "Solution", "Solver", "Stats", "TracedFunction", "UnknownNameError",
-    "adjoint", "bind", "get_adjoint", "get_regularizer", "get_solver",
-    "half_normal_like", "hookimpl", "hookspecs", "iterate", "make_problem", "plugin_failures",
+    "adjoint", "bind", "check_choice", "check_flag", "check_integer", "check_real",
+    "get_adjoint", "get_regularizer", "get_solver", "half_normal_like", "hookimpl",
+    "hookspecs", "iterate", "make_problem", "normalise_options", "plugin_failures",
     "register_plugin", "registrations", "regularization", "residual_norms", "solve",
     "solve_flat", "solver", "trace_count", "trace_history", "trace_last",
     "trace_last_aux", "unregister_plugin", "utils", "zeros_like",

@@ -12,8 +12,9 @@ FSpec: TypeAlias = (
 )
 """A function `f(x, *args, **kwargs)` with its extra arguments.
 
-One of: a bare callable `f`; `(f, args)` where a non-tuple `args` is shorthand for
-`(args,)`; or `(f, args, kwargs)`.
+One of: a bare callable `f`; `(f, args)`; or `(f, args, kwargs)`. In both tuple forms
+`args` is the tuple of extra positional arguments, and anything that is not a tuple
+(a list included) is ONE argument: `(f, [a, b])` calls `f(x, [a, b])`.
 """
 
 _FORMS = (
@@ -56,11 +57,8 @@ def bind(f_spec: FSpec) -> BoundFunction:
             f"Accepted forms: {_FORMS}."
         )
     args = f_spec[1]
-    if not isinstance(args, tuple):
-        if len(f_spec) == 3 and isinstance(args, list):
-            args = tuple(args)
-        else:
-            args = (args,)
+    if not isinstance(args, tuple):  # one argument, in both forms (a list included)
+        args = (args,)
     kwargs: dict[str, Any] = {}
     if len(f_spec) == 3:
         if not isinstance(f_spec[2], Mapping):

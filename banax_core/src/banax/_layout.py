@@ -67,26 +67,45 @@ class Layout(eqx.Module):
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
+def _check_leaf(path: Any, leaf: Any) -> None:
+    where = f"x0{jax.tree_util.keystr(path)}"
+    if isinstance(leaf, (bool, int, float, complex)):
+        raise TypeError(
+            f"Every leaf of x0 must be an array, but {where} is a Python "
+            f"{type(leaf).__name__} ({leaf!r}). A list or tuple of numbers is a pytree of "
+            "scalars, not a vector: pass jnp.asarray([...], dtype=jnp.float32) for a "
+            "vector state, or jnp.asarray(value, dtype=jnp.float32) for a scalar one."
+        )
+    if not (isinstance(leaf, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+            or hasattr(leaf, "dtype")):
+        raise TypeError(
+            f"Every leaf of x0 must be a floating-point array, but {where} is a "
+            f"{type(leaf).__name__} ({leaf!r}). Move non-array data into f's arguments "
+            "(f_spec = (f, args)) and keep only arrays in the state."
+        )
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+        raise TypeError(
+            f"{where} has dtype {leaf.dtype}; fixed-point states must be floating point "
+            "(or complex). Cast it, e.g. x0.astype(jnp.float32)."
+        )
+
+
+def as_state(x0: Any) -> Any:
+    """`x0` with NumPy leaves turned into JAX arrays, after checking that every leaf is
+    a floating-point array (Python numbers, strings and lists are refused, naming the
+    leaf)."""
+    jax.tree_util.tree_map_with_path(_check_leaf, x0)
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), x0)
+
+
 def layout_of(x0: Any, batch_axis: int | None) -> Layout:
     """Build the layout of `x0`, checking that it is a valid fixed-point state."""
     leaves, treedef = jax.tree_util.tree_flatten(x0)
     if not leaves:
         raise ValueError("x0 must contain at least one array; got an empty pytree.")
-    shapes, dtypes = [], []
-    for leaf in leaves:
-        if not (isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
-                or hasattr(leaf, "dtype")):
-            raise TypeError(
-                f"Every leaf of x0 must be a JAX array, got {type(leaf).__name__}. "
-                "Wrap Python numbers with jnp.asarray(..., dtype=jnp.float32)."
-            )
-        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-            raise TypeError(
-                f"x0 has a leaf of dtype {leaf.dtype}; fixed-point states must be "
-                "floating point (or complex). Cast it, e.g. x0.astype(jnp.float32)."
-            )
-        shapes.append(tuple(leaf.shape))
-        dtypes.append(jnp.dtype(leaf.dtype))
+    jax.tree_util.tree_map_with_path(_check_leaf, x0)
+    shapes = [tuple(leaf.shape) for leaf in leaves]
+    dtypes = [jnp.dtype(leaf.dtype) for leaf in leaves]
     if batch_axis is None:
         batch_size = 1
     else:
@@ -108,5 +127,10 @@ def layout_of(x0: Any, batch_axis: int | None) -> Layout:
                 f"got sizes {sorted(sizes)}."
             )
         batch_size = sizes.pop()
+        if batch_size == 0:
+            raise ValueError(
+                f"x0 has an empty batch (size 0 along batch_axis={batch_axis}); a solve "
+                "needs at least one sample."
+            )
     dtype = jnp.result_type(*dtypes)
     return Layout(treedef, tuple(shapes), tuple(dtypes), batch_axis, batch_size, dtype)

@@ -8,6 +8,7 @@ from jaxtyping import Array, Bool, Float
 
 from ._layout import FlatState
 from ._trace import TracedFunction
+from ._options import check_choice, check_flag, check_integer, check_real, normalise_options
 
 LOOP_KINDS = ("lax", "bounded", "checkpointed")
 SolverState = TypeVar("SolverState")
@@ -54,34 +55,19 @@ class Solver(eqx.Module, Generic[SolverState]):
     keep_best: bool = eqx.field(default=False, kw_only=True)
 
     def __check_init__(self) -> None:
-        name = type(self).__name__
+        # Runs after the subclasses' checks (Equinox walks the MRO from the subclass),
+        # which therefore use the `banax.check_*` functions that accept NumPy scalars.
+        normalise_options(self)
         for option in ("atol", "rtol"):
-            value = getattr(self, option)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(
-                    f"{name}: {option} must be a non-negative number (0.0 disables "
-                    f"it), got {value!r}."
-                )
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) \
-                or self.max_steps < 1:
-            raise ValueError(
-                f"{name}: max_steps must be an int >= 1, got {self.max_steps!r}. "
-                "To vary the depth at run time pass step_budget=jnp.array(k) to the "
-                "adjoint call."
-            )
-        if self.loop_kind not in LOOP_KINDS:
-            raise ValueError(
-                f"{name}: loop_kind must be one of {LOOP_KINDS}, got {self.loop_kind!r}."
-            )
-        if self.batch_axis is not None and (
-            isinstance(self.batch_axis, bool)
-            or not isinstance(self.batch_axis, int)
-            or self.batch_axis < 0
-        ):
-            raise ValueError(
-                f"{name}: batch_axis must be None or a non-negative int, got "
-                f"{self.batch_axis!r}."
-            )
+            check_real(self, option, getattr(self, option), low=0, why="; 0.0 disables it")
+        check_integer(
+            self, "max_steps", self.max_steps, minimum=1,
+            why=". To vary the depth at run time pass step_budget=jnp.array(k) to the "
+                "adjoint call",
+        )
+        check_choice(self, "loop_kind", self.loop_kind, LOOP_KINDS)
+        check_integer(self, "batch_axis", self.batch_axis, minimum=0, allow_none=True)
+        check_flag(self, "keep_best", self.keep_best)
 
     @property
     def differentiable_step(self) -> bool:

@@ -3,9 +3,13 @@
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PRNGKeyArray
+
+from ._options import check_integer
 
 Projection = Callable[[Any, Any, Any], Any]
 """`(x, fx, f_aux) -> value`."""
@@ -35,20 +39,37 @@ def trace_history(
     """Record `project(x, fx, f_aux)` at every evaluation into a buffer.
 
     The trace is `(count, buffer)` with `buffer.shape == (n_evals, *value_shape)`;
-    entries at indices `>= count` keep `init_value` (zero by default). Evaluations past
-    `n_evals` are counted but not stored, so budget `max_steps + 1` slots (more with a
-    line search).
+    entries at indices `>= count` keep `init_value` (zero by default), whose shape is
+    that of one recorded value. A Python-number `init_value` takes the dtype of the
+    projection; an array keeps its own, and a projection that does not cast into it
+    without loss is a `TypeError`. Evaluations past `n_evals` are counted but not
+    stored, so budget `max_steps + 1` slots (more with a line search).
     """
-    if isinstance(n_evals, bool) or not isinstance(n_evals, int) or n_evals < 1:
-        raise ValueError(f"n_evals must be an int >= 1, got {n_evals!r}.")
+    n_evals = check_integer("trace_history", "n_evals", n_evals, minimum=1)
+    python_number = isinstance(init_value, (bool, int, float, complex))
     init_value = jnp.asarray(init_value)
     buffer = jnp.broadcast_to(init_value, (n_evals,) + init_value.shape)
 
     def fold(acc: Any, x: Any, fx: Any, f_aux: Any, **tags: Any) -> Any:
         del tags
         count, buf = acc
-        value = jnp.asarray(project(x, fx, f_aux)).astype(buf.dtype)
-        return count + 1, buf.at[count].set(value, mode="drop")
+        value = jnp.asarray(project(x, fx, f_aux))
+        if value.shape != buf.shape[1:]:
+            raise ValueError(
+                f"trace_history: project returned a value of shape {value.shape}, but "
+                f"init_value has shape {buf.shape[1:]}; pass init_value="
+                f"jnp.zeros({value.shape}, jnp.{value.dtype}), the shape of one value."
+            )
+        if python_number:
+            buf = buf.astype(value.dtype)
+        elif not np.can_cast(value.dtype, buf.dtype, casting="safe"):
+            raise TypeError(
+                f"trace_history: project returned {value.dtype} values, which do not fit "
+                f"an init_value of dtype {buf.dtype} without loss; pass init_value in "
+                f"the projection's dtype (e.g. jnp.zeros({value.shape}, jnp.{value.dtype})) "
+                "or as a Python number."
+            )
+        return count + 1, buf.at[count].set(value.astype(buf.dtype), mode="drop")
 
     return fold, (jnp.array(0, dtype=jnp.int32), buffer)
 
@@ -63,14 +84,37 @@ def trace_count() -> tuple[Callable[..., Any], Any]:
     return fold, jnp.array(0, dtype=jnp.int32)
 
 
+def _check_leaves(name: str, tree: Any) -> None:
+    def check(path: Any, leaf: Any) -> None:
+        if not (isinstance(leaf, (bool, int, float, complex, np.generic, np.ndarray))
+                or eqx.is_array(leaf)):
+            raise TypeError(
+                f"{name} needs a pytree of arrays, but tree{jax.tree_util.keystr(path)} "
+                f"is a {type(leaf).__name__}: {leaf!r}."
+            )
+
+    jax.tree_util.tree_map_with_path(check, tree)
+
+
 def zeros_like(tree: Any) -> Any:
     """A pytree of zeros with the structure, shapes and dtypes of `tree`."""
+    _check_leaves("zeros_like", tree)
     return jax.tree.map(jnp.zeros_like, tree)
 
 
 def half_normal_like(key: PRNGKeyArray, tree: Any) -> Any:
     """A random pytree like `tree`: each entry is 0 with probability 1/2, otherwise
     i.i.d. standard normal. A common DEQ initial state that breaks symmetry."""
+    is_key = isinstance(key, jax.Array) and (
+        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == jnp.uint32 and key.shape == (2,))
+    )
+    if not is_key:
+        raise TypeError(
+            "half_normal_like: key must be a single PRNG key such as jax.random.key(0), "
+            f"got {type(key).__name__} {key!r}."
+        )
+    _check_leaves("half_normal_like", tree)
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, 2 * max(len(leaves), 1))
     out: list[Array] = []

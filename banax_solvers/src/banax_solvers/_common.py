@@ -10,47 +10,35 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Inexact
 
+import banax
+
 Flat = Inexact[Array, "batch features"]
 """A state as solvers see it: `B` samples (1 outside batch mode) of `N` features."""
 
 
 def check_damp(solver: Any, *, allow_one: bool, why: str = "") -> None:
-    """Raise unless `solver.damp` is in (0, 1] (or (0, 1) when `allow_one` is False)."""
-    damp = solver.damp
-    is_number = not isinstance(damp, bool) and isinstance(damp, (int, float))
-    if not (is_number and (0 < damp < 1 or (allow_one and damp == 1))):
-        interval = "(0, 1]" if allow_one else "(0, 1)"
-        raise ValueError(
-            f"{type(solver).__name__}: damp must be in {interval}, got {damp!r}{why}."
-        )
+    """Raise unless `solver.damp` is a number in (0, 1] (or (0, 1) when `allow_one` is
+    False)."""
+    banax.check_real(solver, "damp", solver.damp, low=0, high=1, low_open=True,
+                     high_open=not allow_one, why=why)
 
 
 def check_int(solver: Any, option: str, minimum: int) -> None:
     """Raise unless the option `option` of `solver` is an int >= `minimum`."""
-    value = getattr(solver, option)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{type(solver).__name__}: {option} must be an int >= {minimum}, got {value!r}."
-        )
+    banax.check_integer(solver, option, getattr(solver, option), minimum=minimum)
+
+
+def check_bool(solver: Any, option: str) -> None:
+    """Raise unless the option `option` of `solver` is True or False."""
+    banax.check_flag(solver, option, getattr(solver, option))
 
 
 def check_nonnegative(solver: Any, option: str, *, allow_none: bool = False,
                       strict: bool = False) -> None:
-    """Raise unless the option `option` of `solver` is a number >= 0 (> 0 if `strict`),
-    or None when `allow_none`."""
-    value = getattr(solver, option)
-    if value is None and allow_none:
-        return
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (
-        value > 0 if strict else value >= 0
-    )
-    if not ok:
-        bound = "> 0" if strict else ">= 0"
-        extra = " or None" if allow_none else ""
-        raise ValueError(
-            f"{type(solver).__name__}: {option} must be a number {bound}{extra}, "
-            f"got {value!r}."
-        )
+    """Raise unless the option `option` of `solver` is a finite number >= 0 (> 0 if
+    `strict`), or None when `allow_none`."""
+    banax.check_real(solver, option, getattr(solver, option), low=0, low_open=strict,
+                     allow_none=allow_none)
 
 
 def work_dtype(dtype: Any) -> Any:

@@ -12,6 +12,7 @@ from banax import Solver, TracedFunction
 from ._common import (
     Flat,
     after,
+    check_bool,
     check_damp,
     check_int,
     check_nonnegative,
@@ -145,10 +146,7 @@ class Anderson(Solver[AndersonState]):
         check_int(self, "depth", 1)
         check_damp(self, allow_one=True)
         check_nonnegative(self, "ridge")
-        if not isinstance(self.use_linalg, bool):
-            raise ValueError(
-                f"Anderson: use_linalg must be True or False, got {self.use_linalg!r}."
-            )
+        check_bool(self, "use_linalg")
 
     def init(self, z0: Flat, fz0: Flat) -> AndersonState:
         dtype = work_dtype(z0.dtype)
