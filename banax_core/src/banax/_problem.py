@@ -27,13 +27,20 @@ class Problem(eqx.Module):
         the flat `(B, N)` state and back).
     - `z0`: the flat initial state.
     - `trace_init`: the initial trace accumulator (`None` when not tracing).
-    - `step_budget`: an integer array or `None`.
+    - `step_budget`: an integer array or `None`. It is clamped to
+        `[0, solver.max_steps]`: a negative budget runs no step (the result is then
+        `MAX_STEPS` unless `x0` already meets the tolerance).
+    - `backward_budget`, `backward_probe`: the call's cap on the backward solve's
+        steps (an integer array or `None`) and its `banax.BackwardStats` probe (or
+        `None`); set by `Adjoint.__call__`, read by the backward rules.
     """
 
     f: TracedFunction
     z0: FlatState
     trace_init: Any
     step_budget: Int[Array, ""] | None
+    backward_budget: Int[Array, ""] | None = None
+    backward_probe: Any = None
 
     @property
     def batched(self) -> bool:
@@ -69,13 +76,6 @@ def _describe(tree: Any) -> str:
     return str(jax.tree.map(lambda x: f"{x.dtype}{list(x.shape)}", tree))
 
 
-def make_problem(
-    f_spec: FSpec,
-    x0: Any,
-    *,
-    has_aux: bool,
-    trace: tuple[Callable[..., Any], Any] | None,
-    step_budget: Any,
 def _same_shapes(a: Any, b: Any) -> bool:
     return jax.tree.structure(a) == jax.tree.structure(b) and all(
         x.shape == y.shape for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
@@ -104,11 +104,20 @@ def _evaluate(bound: BoundFunction, x0: Any) -> Any:
         ) from error
 
 
+def make_problem(
+    f_spec: FSpec,
+    x0: Any,
+    *,
+    has_aux: bool,
+    trace: tuple[Callable[..., Any], Any] | None,
+    step_budget: Any,
     batch_axis: int | None,
 ) -> Problem:
     """Validate a call and build its `Problem`; every error here is raised at trace
     time with a message that says what to change."""
     bound = bind(f_spec)
+    if isinstance(has_aux, np.bool_):
+        has_aux = bool(has_aux)
     if not isinstance(has_aux, bool):
         raise TypeError(f"has_aux must be True or False, got {has_aux!r}.")
     budget = check_step_budget(step_budget)
@@ -116,8 +125,6 @@ def _evaluate(bound: BoundFunction, x0: Any) -> Any:
     layout = layout_of(x0, batch_axis)
     x_shape = jax.eval_shape(lambda x: x, x0)
     out = _evaluate(bound, x0)
-    if isinstance(has_aux, np.bool_):
-        has_aux = bool(has_aux)
     if has_aux:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise TypeError(
@@ -125,13 +132,6 @@ def _evaluate(bound: BoundFunction, x0: Any) -> Any:
                 f"{_describe(out)}."
             )
         fx, aux = out
-    else:
-        fx, aux = out, None
-    if not _same_structure(fx, x_shape):
-        hint = (
-            " If f returns (fx, f_aux), pass has_aux=True."
-            if not has_aux and isinstance(out, tuple) and len(out) == 2 else ""
-        )
         if not _same_structure(fx, x_shape) and _same_structure(out, x_shape):
             raise ValueError(
                 "has_aux=True, so f's output was taken apart as (fx, f_aux), but the "
@@ -139,8 +139,8 @@ def _evaluate(bound: BoundFunction, x0: Any) -> Any:
                 f"{_describe(out)}. Pass has_aux=False, or return the auxiliary output "
                 "beside the state: return (fx1, fx2), f_aux."
             )
-        raise ValueError(
-            "f must return a state with the same pytree structure, shapes and dtypes as "
+    else:
+        fx, aux = out, None
     if _same_shapes(fx, x_shape) and not _same_structure(fx, x_shape):
         dtype = jax.tree.leaves(fx)[0].dtype
         raise ValueError(
@@ -149,6 +149,13 @@ def _evaluate(bound: BoundFunction, x0: Any) -> Any:
             f"computes in (e.g. x0.astype(jnp.{dtype})), or make f return its output in "
             "the state's dtype (fx.astype(x.dtype))."
         )
+    if not _same_structure(fx, x_shape):
+        hint = (
+            " If f returns (fx, f_aux), pass has_aux=True."
+            if not has_aux and isinstance(out, tuple) and len(out) == 2 else ""
+        )
+        raise ValueError(
+            "f must return a state with the same structure (pytree, shapes and dtypes) as "
             f"x0. x0 is {_describe(x_shape)} but f(x0) is {_describe(fx)}.{hint}"
         )
     trace_fn, trace_init = None, None
