@@ -7,8 +7,8 @@ import equinox as eqx
 from jaxtyping import Array, Bool, Float
 
 from ._layout import FlatState
-from ._trace import TracedFunction
 from ._options import check_choice, check_flag, check_integer, check_real, normalise_options
+from ._trace import TracedFunction
 
 LOOP_KINDS = ("lax", "bounded", "checkpointed")
 SolverState = TypeVar("SolverState")
