@@ -30,10 +30,10 @@ def contraction_matrix(key: jax.Array, n: int, radius: float, *, symmetric: bool
     q, _ = jnp.linalg.qr(jax.random.normal(k1, (n, n), dtype=jnp.float64))
     if symmetric:
         eig = jnp.linspace(0.0, radius, n)
-        return ((q * eig) @ q.T).astype(dtype)
+        return ((q * eig[None, :]) @ q.T).astype(dtype)
     q2, _ = jnp.linalg.qr(jax.random.normal(k2, (n, n), dtype=jnp.float64))
     sv = jnp.linspace(radius / 4, radius, n)
-    return ((q * sv) @ q2.T).astype(dtype)
+    return ((q * sv[None, :]) @ q2.T).astype(dtype)
 
 
 def dense_implicit_grad(

@@ -4,16 +4,17 @@ on it (Implicit, NeumannPhantom)."""
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
+
+import banax
 
 
 def widened(
     vjp: Callable[[jax.Array], jax.Array], g: jax.Array
 ) -> tuple[Callable[[jax.Array], jax.Array], jax.Array]:
-    """`(vjp, g)` working in at least float32.
+    """`(vjp, g)` working in `banax.working_dtype(g.dtype)` (at least float32).
 
     A backward solve accumulates many products; in float16/bfloat16 it would stall far
     from its tolerance. The VJP itself still runs in the state's dtype.
     """
-    wide = jnp.promote_types(g.dtype, jnp.float32)
+    wide = banax.working_dtype(g.dtype)
     return (lambda v: vjp(v.astype(g.dtype)).astype(wide)), g.astype(wide)

@@ -11,7 +11,17 @@ from ._adjoint import Adjoint, BackwardRuleAdjoint, LinearSolveAdjoint, solve
 from ._deq import DEQ
 from ._fspec import BoundFunction, FSpec, bind
 from ._layout import Layout
-from ._loop import FlatSolution, iterate, residual_norms, solve_flat
+from ._loop import (
+    BanaxPrecisionWarning,
+    FlatSolution,
+    iterate,
+    reachable_tolerances,
+    residual_norms,
+    solve_flat,
+    squared_norms,
+    stats_dtype,
+    working_dtype,
+)
 from ._options import check_choice, check_flag, check_integer, check_real, normalise_options
 from ._problem import Problem, make_problem
 from ._registry import (
@@ -57,5 +67,6 @@ __all__ = [
     "hookspecs", "iterate", "make_problem", "normalise_options", "plugin_failures",
     "register_plugin", "registrations", "regularization", "residual_norms", "solve",
     "solve_flat", "solver", "trace_count", "trace_history", "trace_last",
-    "trace_last_aux", "unregister_plugin", "utils", "zeros_like",
+    "trace_last_aux", "unregister_plugin", "utils", "working_dtype", "zeros_like",
+    "BanaxPrecisionWarning", "reachable_tolerances", "squared_norms", "stats_dtype",
 ]

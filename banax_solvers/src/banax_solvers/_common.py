@@ -41,21 +41,28 @@ def check_nonnegative(solver: Any, option: str, *, allow_none: bool = False,
                      allow_none=allow_none)
 
 
-def work_dtype(dtype: Any) -> Any:
-    """The precision of solver bookkeeping: the state's own, but at least float32, so
-    that float16/bfloat16 states still get accurate histories and small solves."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def damped(a: Flat, fb: Flat, damp: float) -> Flat:
     """`(1 − β) a + β f(b)`: the relaxation step of Relaxed and Reversible."""
     return (1 - damp) * a + damp * fb
 
 
-def sample_dot(a: Float[Array, "batch features"],
-               b: Float[Array, "batch features"]) -> Float[Array, " batch"]:
-    """Per-sample inner product `⟨a_b, b_b⟩`."""
-    return jnp.sum(a * b, axis=-1)
+# Inner products are Hermitian, `⟨a, b⟩ = Σ conj(a_n) b_n` (conjugate-linear in the
+# first argument, as `jnp.vdot`), so that complex states get real, non-negative norms
+# and the least-squares and secant formulas of the real case hold unchanged. For real
+# arrays `conj` is the identity and costs nothing. Where a history is involved, the
+# small operand is conjugated and the result conjugated back, `Σ conj(h) x =
+# conj(Σ h conj(x))`, rather than conjugating the whole history.
+
+
+def sample_dot(a: Inexact[Array, "batch features"],
+               b: Inexact[Array, "batch features"]) -> Inexact[Array, " batch"]:
+    """Per-sample inner product `⟨a_b, b_b⟩ = Σ_n conj(a_bn) b_bn`."""
+    return jnp.sum(jnp.conj(a) * b, axis=-1)
+
+
+def sample_norm(x: Inexact[Array, "batch features"]) -> Float[Array, " batch"]:
+    """Per-sample `‖x_b‖₂`, real also for complex `x`."""
+    return jnp.sqrt(banax.squared_norms(x))
 
 
 # Histories are contracted with batched matrix products rather than broadcast-and-sum:
@@ -63,16 +70,17 @@ def sample_dot(a: Float[Array, "batch features"],
 # HIGHEST precision keeps GPUs from rounding float32 operands to TF32.
 
 
-def history_dot(history: Float[Array, "batch history features"],
-                x: Float[Array, "batch features"]) -> Float[Array, "batch history"]:
+def history_dot(history: Inexact[Array, "batch history features"],
+                x: Inexact[Array, "batch features"]) -> Inexact[Array, "batch history"]:
     """`⟨h_{b,i}, x_b⟩` for every sample `b` and history slot `i`."""
-    return jnp.einsum("bmn,bn->bm", history, x, precision=jax.lax.Precision.HIGHEST)
+    return jnp.conj(jnp.einsum("bmn,bn->bm", history, jnp.conj(x),
+                               precision=jax.lax.Precision.HIGHEST))
 
 
-def history_combine(weights: Float[Array, "batch history"],
-                    history: Float[Array, "batch history features"]
-                    ) -> Float[Array, "batch features"]:
-    """`Σ_i w_{b,i} h_{b,i}` for every sample `b`."""
+def history_combine(weights: Inexact[Array, "batch history"],
+                    history: Inexact[Array, "batch history features"]
+                    ) -> Inexact[Array, "batch features"]:
+    """`Σ_i w_{b,i} h_{b,i}` for every sample `b` (no conjugation)."""
     return jnp.einsum("bm,bmn->bn", weights, history, precision=jax.lax.Precision.HIGHEST)
 
 

@@ -5,9 +5,9 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Inexact, Int
 
-from banax import Solver, TracedFunction
+from banax import Solver, TracedFunction, working_dtype
 
 from ._common import (
     Flat,
@@ -20,7 +20,6 @@ from ._common import (
     history_combine,
     history_dot,
     sample_dot,
-    work_dtype,
 )
 
 
@@ -29,15 +28,16 @@ class AndersonState(eqx.Module):
 
     For the stored iterates `z_i`: `image[b, i] = (1 − β) z_i + β f(z_i)` (what the next
     iterate mixes) and `r[b, i] = f(z_i) − z_i` (what the mixing weights are fitted on),
-    both `(B, depth, N)`; `gram[b, i, j] = ⟨r[b, i], r[b, j]⟩` is `(B, depth, depth)`,
-    kept up to date one row and column per step. All are in at least float32. `count` is
+    both `(B, depth, N)`; `gram[b, i, j] = ⟨r[b, i], r[b, j]⟩` (Hermitian for complex
+    states) is `(B, depth, depth)`, kept up to date one row and column per step. All are
+    in `banax.working_dtype` of the state (at least float32). `count` is
     the number of pairs stored so far (shared by all samples); the next one goes to slot
     `count % depth`.
     """
 
-    image: Float[Array, "batch depth features"]
-    r: Float[Array, "batch depth features"]
-    gram: Float[Array, "batch depth depth"]
+    image: Inexact[Array, "batch depth features"]
+    r: Inexact[Array, "batch depth features"]
+    gram: Inexact[Array, "batch depth depth"]
     count: Int[Array, ""]
 
 
@@ -49,42 +49,44 @@ def _push(state: AndersonState, z: Flat, fz: Flat, damp: float) -> AndersonState
     z, fz = z.astype(dtype), fz.astype(dtype)
     r = fz - z
     slot = state.count % state.r.shape[1]
-    # The new row of G is read from the old history, with the slot's own entry patched,
-    # so that the history is then updated in place (see `after`).
-    row = history_dot(state.r, r).at[:, slot].set(sample_dot(r, r))
-    gram = state.gram.at[:, slot, :].set(row).at[:, :, slot].set(row)
+    # The new column G[:, slot] = ⟨r_i, r⟩ is read from the old history, with the slot's
+    # own entry patched, so that the history is then updated in place (see `after`);
+    # the row is its conjugate.
+    col = history_dot(state.r, r).at[:, slot].set(sample_dot(r, r))
+    gram = state.gram.at[:, slot, :].set(jnp.conj(col)).at[:, :, slot].set(col)
     return AndersonState(
         image=state.image.at[:, slot].set(damped(z, fz, damp)),
-        r=state.r.at[:, slot].set(after(r, row)),
+        r=state.r.at[:, slot].set(after(r, col)),
         gram=gram,
         count=state.count + 1,
     )
 
 
-def _cholesky_solve(a: Float[Array, "batch m m"], b: Float[Array, "batch m"]
-                    ) -> Float[Array, "batch m"]:
-    """Solve `a x = b` for symmetric positive semi-definite `a` with a unit-scale
+def _cholesky_solve(a: Inexact[Array, "batch m m"], b: Inexact[Array, "batch m"]
+                    ) -> Inexact[Array, "batch m"]:
+    """Solve `a x = b` for Hermitian positive semi-definite `a` with a unit-scale
     diagonal, per sample, without `jnp.linalg`: a column-by-column Cholesky
-    factorisation `a = L Lᵀ` and two triangular solves, each a Python loop over the
+    factorisation `a = L Lᴴ` and two triangular solves, each a Python loop over the
     (small, static) size `m`. Pivots are floored at the dtype's epsilon, so that a
     numerically singular `a` (collinear residuals, `ridge=0`) gives large but finite
     weights instead of NaN."""
     m = a.shape[-1]
     rows = jnp.arange(m)
-    floor = jnp.finfo(a.dtype).eps
+    floor = float(jnp.finfo(a.dtype).eps)
     lower = jnp.zeros_like(a)
     for j in range(m):
-        # Columns >= j of `lower` are still zero, so this subtracts Σ_{k<j} L_ik L_jk.
-        col = a[:, :, j] - history_dot(lower, lower[:, j, :])
-        pivot = jnp.sqrt(jnp.maximum(col[:, j], floor))
-        lower = lower.at[:, :, j].set(jnp.where(rows > j, col / pivot[:, None], 0))
+        # Columns >= j of `lower` are still zero, so this subtracts Σ_{k<j} L_ik conj(L_jk).
+        col = a[:, :, j] - jnp.conj(history_dot(lower, lower[:, j, :]))
+        pivot = jnp.sqrt(jnp.maximum(jnp.real(col[:, j]), floor)).astype(a.dtype)
+        lower = lower.at[:, :, j].set(jnp.where(rows[None] > j, col / pivot[:, None], 0))
         lower = lower.at[:, j, j].set(pivot)
     y = jnp.zeros_like(b)
     for i in range(m):
         y = y.at[:, i].set((b[:, i] - jnp.sum(lower[:, i, :] * y, -1)) / lower[:, i, i])
     x = jnp.zeros_like(b)
     for i in reversed(range(m)):
-        x = x.at[:, i].set((y[:, i] - jnp.sum(lower[:, :, i] * x, -1)) / lower[:, i, i])
+        x = x.at[:, i].set(
+            (y[:, i] - jnp.sum(jnp.conj(lower[:, :, i]) * x, -1)) / lower[:, i, i])
     return x
 
 
@@ -149,7 +151,7 @@ class Anderson(Solver[AndersonState]):
         check_bool(self, "use_linalg")
 
     def init(self, z0: Flat, fz0: Flat) -> AndersonState:
-        dtype = work_dtype(z0.dtype)
+        dtype = working_dtype(z0.dtype)
         batch, features = z0.shape
         empty = AndersonState(
             image=jnp.zeros((batch, self.depth, features), dtype),
@@ -168,20 +170,20 @@ class Anderson(Solver[AndersonState]):
         fz_next, trace = f(z_next, trace)
         return z_next, fz_next, _push(state, z_next, fz_next, self.damp), trace
 
-    def _weights(self, gram: Float[Array, "batch depth depth"], valid: Bool[Array, " depth"]
-                 ) -> Float[Array, "batch depth"]:
+    def _weights(self, gram: Inexact[Array, "batch depth depth"], valid: Bool[Array, " depth"]
+                 ) -> Inexact[Array, "batch depth"]:
         """The mixing weights `α` per sample; zero on slots not filled yet."""
-        diag = jnp.where(valid, jnp.diagonal(gram, axis1=1, axis2=2), 0)
+        dtype = gram.dtype
+        diag = jnp.where(valid[None], jnp.real(jnp.diagonal(gram, axis1=1, axis2=2)), 0)
         # A zero residual (an exact fixed point in the history) must not divide by zero:
         # floor the scale far below the largest residual instead.
         top = jnp.max(diag, -1, keepdims=True)
-        floor = jnp.where(top > 0, top * jnp.finfo(gram.dtype).eps ** 2, 1)
-        inv_sqrt = jnp.where(valid, jax.lax.rsqrt(jnp.maximum(diag, floor)), 0)
+        floor = jnp.where(top > 0, top * float(jnp.finfo(dtype).eps) ** 2, 1)
+        inv_sqrt = jnp.where(valid[None], jax.lax.rsqrt(jnp.maximum(diag, floor)), 0).astype(dtype)
         scaled = gram * inv_sqrt[:, :, None] * inv_sqrt[:, None, :]
         # Empty slots get an identity row and column and a zero right-hand side, which
         # makes their weight exactly 0.
-        system = scaled + jnp.eye(self.depth, dtype=gram.dtype) * jnp.where(
-            valid, self.ridge, 1)
+        system = scaled + jnp.diag(jnp.where(valid, self.ridge, 1).astype(dtype))[None]
         if self.use_linalg:
             w = jnp.linalg.solve(system, inv_sqrt[..., None])[..., 0]
         else:

@@ -5,9 +5,16 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Inexact, Int
 
-from banax import LowRankInverseJacobian, Solver, TracedFunction, residual_norms
+from banax import (
+    LowRankInverseJacobian,
+    Solver,
+    TracedFunction,
+    residual_norms,
+    stats_dtype,
+    working_dtype,
+)
 
 from ._common import (
     Flat,
@@ -16,8 +23,7 @@ from ._common import (
     check_nonnegative,
     history_combine,
     history_dot,
-    sample_dot,
-    work_dtype,
+    sample_norm,
 )
 
 # Sufficient-decrease constant of the Armijo test ‖g(z + αd)‖² ≤ (1 − cα) ‖g(z)‖².
@@ -25,31 +31,29 @@ _ARMIJO = 1e-4
 
 
 class BroydenState(eqx.Module):
-    """`H = −I + Σ_i u_i v_iᵀ ≈ (∂g/∂z)⁻¹` per sample, as a ring buffer of rank-1 terms.
+    """`H = −I + Σ_i u_i v_iᴴ ≈ (∂g/∂z)⁻¹` per sample, as a ring buffer of rank-1 terms
+    (`ᴴ` is the conjugate transpose, a plain transpose for real states).
 
     `u` and `v` have shape `(B, history_size, N)`, unused slots are zero; `direction` is
     the next step `−H g(z)` at the current iterate, `(B, N)` (kept so that each product
-    with `H` is computed once). All are in at least float32. `count` is the number of
+    with `H` is computed once). All are in `banax.working_dtype` of the state (at least
+    float32). `count` is the number of
     updates made so far (shared by all samples); the next goes to slot
     `count % history_size`.
     """
 
-    u: Float[Array, "batch history features"]
-    v: Float[Array, "batch history features"]
-    direction: Float[Array, "batch features"]
+    u: Inexact[Array, "batch history features"]
+    v: Inexact[Array, "batch history features"]
+    direction: Inexact[Array, "batch features"]
     count: Int[Array, ""]
 
 
-def _low_rank(a: Float[Array, "batch history features"],
-              b: Float[Array, "batch history features"],
-              x: Float[Array, "batch features"]) -> Float[Array, "batch features"]:
+def _low_rank(a: Inexact[Array, "batch history features"],
+              b: Inexact[Array, "batch history features"],
+              x: Inexact[Array, "batch features"]) -> Inexact[Array, "batch features"]:
     """`Σ_i a_i ⟨b_i, x⟩` per sample: with `(a, b) = (u, v)` this is `(H + I) x`, with
-    `(v, u)` it is `(Hᵀ + I) x`."""
+    `(v, u)` it is `(Hᴴ + I) x`."""
     return history_combine(history_dot(b, x), a)
-
-
-def _norm(x: Float[Array, "batch features"]) -> Float[Array, " batch"]:
-    return jnp.sqrt(sample_dot(x, x))
 
 
 class Broyden(Solver[BroydenState], LowRankInverseJacobian):
@@ -59,22 +63,28 @@ class Broyden(Solver[BroydenState], LowRankInverseJacobian):
     where `H ≈ (∂g/∂z)⁻¹ = (J − I)⁻¹` starts at `−I` (so the first step is a Picard step)
     and receives after each step, with `s = Δz` and `y = Δg`, the rank-1 update
 
-    `H ← H + u vᵀ`, `u = (s − H y) / (sᵀ H y)`, `v = Hᵀ s`,
+    `H ← H + u vᴴ`, `u = (s − H y) / (sᴴ H y)`, `v = Hᴴ s`,
 
-    which makes the new `H` map `y` to `s`. The last `history_size` updates are kept,
+    which makes the new `H` map `y` to `s` (`ᴴ` is the conjugate transpose, so complex
+    states work; it is the plain transpose for real ones). The last `history_size` updates are kept,
     oldest overwritten first. Each update is scaled down so that its spectral norm
     `‖u‖ ‖v‖` is at most `spectral_clip`, which keeps one bad secant pair from wrecking
-    `H`; an update whose denominator `sᵀ H y` vanishes is skipped.
+    `H`; an update whose denominator `sᴴ H y` vanishes is skipped.
 
     With `ls_steps > 0`, a step whose residual does not satisfy the Armijo test
     `‖g(z + αd)‖² ≤ (1 − 10⁻⁴ α) ‖g(z)‖²` is retried with `α` halved, up to `ls_steps`
-    times per step (each retry is one more evaluation of `f`, traced with
-    `tag="line_search"`); the last trial is accepted if none passes. A sample that
+    times per step (each retry is one more evaluation of `f`); the last trial is
+    accepted if none passes. Every evaluation made by the line search, the first
+    full-step trial included, is traced with `tag="line_search"`; with `ls_steps=0`
+    there is no line search and no tag. A sample that
     already meets the tolerance does not backtrack. In batch mode step sizes are per
     sample, and every retry evaluates `f` on the whole batch.
 
     Near a fixed point with a Jacobian close to linear, Broyden converges superlinearly;
-    it is the method of choice when `∂f/∂z` has eigenvalues close to 1. `H` also gives
+    it is the method of choice when `∂f/∂z` has eigenvalues close to 1. For complex
+    states `H` is complex-linear, which matches `∂f/∂z` when `f` is holomorphic; an `f`
+    that uses `conj` or `abs` of the state has only a real-linear Jacobian, and Broyden
+    then loses its fast convergence (solve the real form `[Re z, Im z]` instead). `H` also gives
     GDEQ its preconditioner: see `inverse_jacobian_factors`.
 
     A poor choice when `f` is cheap and well contracting (Picard costs less per step),
@@ -106,7 +116,7 @@ class Broyden(Solver[BroydenState], LowRankInverseJacobian):
         return self.ls_steps == 0
 
     def init(self, z0: Flat, fz0: Flat) -> BroydenState:
-        dtype = work_dtype(z0.dtype)
+        dtype = working_dtype(z0.dtype)
         shape = (z0.shape[0], self.history_size, z0.shape[1])
         zeros = jnp.zeros(shape, dtype)
         # H₀ = −I, so the first direction −H₀ g(z₀) is the residual: a Picard step.
@@ -116,9 +126,9 @@ class Broyden(Solver[BroydenState], LowRankInverseJacobian):
     def step(
         self, f: TracedFunction, z: Flat, fz: Flat, state: BroydenState, trace: Any
     ) -> tuple[Flat, Flat, BroydenState, Any]:
-        dtype = work_dtype(z.dtype)
+        dtype = working_dtype(z.dtype)
         d = state.direction
-        # Hᵀ d, before the evaluation; v = Hᵀ s follows from s = α d.
+        # Hᴴ d, before the evaluation; v = Hᴴ s follows from s = α d (α real).
         h_t_d = _low_rank(state.v, state.u, d) - d
         z_next, fz_next, alpha, trace = self._line_search(f, z, fz, d, trace)
         g = fz.astype(dtype) - z.astype(dtype)
@@ -126,59 +136,66 @@ class Broyden(Solver[BroydenState], LowRankInverseJacobian):
         # The secant pair uses the iterates as stored, so H maps what the loop sees.
         s = z_next.astype(dtype) - z.astype(dtype)
         y = g_next - g
-        v = alpha[:, None] * h_t_d
+        v = alpha[:, None].astype(dtype) * h_t_d
         # H g_next with and without the oldest term, which the new one replaces, in one
         # pass over u.
         slot = state.count % self.history_size
         coef = history_dot(state.v, g_next)
-        kept = jnp.where(jnp.arange(self.history_size) == slot, 0, coef)
+        kept = jnp.where(jnp.arange(self.history_size)[None] == slot, 0, coef)
         h_g_next, h_kept_g_next = (
             jnp.einsum("bkm,bmn->bkn", jnp.stack([coef, kept], 1), state.u,
                        precision=jax.lax.Precision.HIGHEST)
             - g_next[:, None]
         ).transpose(1, 0, 2)
         h_y = h_g_next + d  # H g = −d
-        # The per-sample inner products of the update in one reduction (each separate
-        # reduction over the batch costs as much as a pass over the history on CPU).
+        # The per-sample inner products ⟨v, y⟩, ⟨v, v⟩, ⟨y, y⟩, ⟨v, g'⟩ of the update in
+        # one reduction (each separate reduction over the batch costs as much as a pass
+        # over the history on CPU).
         denom, v_v, y_y, v_g = jnp.sum(
-            jnp.stack([v * y, v * v, y * y, v * g_next]), axis=-1)
-        # denom = sᵀ H y up to the rounding of the iterate.
-        tiny = jnp.finfo(dtype).eps * jnp.sqrt(v_v) * jnp.sqrt(y_y)
+            jnp.conj(jnp.stack([v, v, y, v])) * jnp.stack([y, v, y, g_next]), axis=-1)
+        v_v, y_y = jnp.real(v_v), jnp.real(y_y)
+        # denom = sᴴ H y up to the rounding of the iterate.
+        tiny = float(jnp.finfo(dtype).eps) * jnp.sqrt(v_v) * jnp.sqrt(y_y)
         usable = jnp.abs(denom) > tiny
         # Double `where` so that skipped updates give zero, not NaN, gradients.
         safe = jnp.where(usable, denom, 1)
         u = jnp.where(usable[:, None], (s - h_y) / safe[:, None], 0)
         if self.spectral_clip is not None:
-            size = _norm(u) * jnp.sqrt(v_v)
+            size = sample_norm(u) * jnp.sqrt(v_v)
             big = size > self.spectral_clip
-            u = u * jnp.where(big, self.spectral_clip / jnp.where(big, size, 1), 1)[:, None]
+            shrink = jnp.where(big, self.spectral_clip / jnp.where(big, size, 1), 1)
+            u = u * shrink[:, None].astype(dtype)
         v = after(v, coef)
         new_state = BroydenState(
             u=state.u.at[:, slot].set(u),
             v=state.v.at[:, slot].set(v),
-            # −H' g_next with H' = H − u_old v_oldᵀ + u vᵀ.
+            # −H' g_next with H' = H − u_old v_oldᴴ + u vᴴ.
             direction=-(h_kept_g_next + u * v_g[:, None]),
             count=state.count + 1,
         )
         return z_next, fz_next, new_state, trace
 
     def _line_search(
-        self, f: TracedFunction, z: Flat, fz: Flat, direction: Float[Array, "batch features"],
-        trace: Any,
+        self, f: TracedFunction, z: Flat, fz: Flat,
+        direction: Inexact[Array, "batch features"], trace: Any,
     ) -> tuple[Flat, Flat, Float[Array, " batch"], Any]:
         """Evaluate the full step, then backtrack per sample (Armijo) if enabled.
 
-        Returns the accepted iterate, `f` there, the step sizes and the trace."""
+        Returns the accepted iterate, `f` there, the (real) step sizes and the trace.
+        With the line search enabled every evaluation here is tagged, the full step
+        included: it is the search's first trial."""
         base = z.astype(direction.dtype)
 
         def trial(alpha: Float[Array, " batch"]) -> Flat:
-            return (base + alpha[:, None] * direction).astype(z.dtype)
+            step = alpha[:, None].astype(direction.dtype) * direction
+            return (base + step).astype(z.dtype)
 
-        alpha = jnp.ones(z.shape[0], direction.dtype)
+        alpha = jnp.ones(z.shape[0], stats_dtype(z.dtype))
         z_try = trial(alpha)
-        fz_try, trace = f(z_try, trace)
         if self.ls_steps == 0:
+            fz_try, trace = f(z_try, trace)
             return z_try, fz_try, alpha, trace
+        fz_try, trace = f(z_try, trace, tag="line_search")
 
         abs0, rel0 = residual_norms(z, fz)
         settled = self.meets_tolerance(abs0, rel0)
@@ -208,9 +225,10 @@ class Broyden(Solver[BroydenState], LowRankInverseJacobian):
 
     def inverse_jacobian_factors(
         self, state: BroydenState
-    ) -> tuple[Float[Array, "batch rank features"], Float[Array, "batch rank features"]]:
+    ) -> tuple[Inexact[Array, "batch rank features"], Inexact[Array, "batch rank features"]]:
         """`(U, V)` with `(I − J)⁻¹ ≈ I + U[b]ᵀ V[b]` per sample (shapes `(B, m, N)`).
 
-        Since `H ≈ (J − I)⁻¹ = −(I − J)⁻¹` and `H = −I + Σ u_i v_iᵀ`, this is `(−u, v)`.
+        Since `H ≈ (J − I)⁻¹ = −(I − J)⁻¹` and `H = −I + Σ u_i v_iᴴ`, this is
+        `(−u, conj(v))`: the capability's `ᵀ` is a plain transpose.
         """
-        return -state.u, state.v
+        return -state.u, jnp.conj(state.v)
