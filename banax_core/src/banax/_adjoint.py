@@ -10,7 +10,7 @@ from jaxtyping import Array, Int
 
 from ._fspec import FSpec
 from ._layout import FlatState
-from ._loop import FlatSolution, iterate
+from ._loop import FlatSolution
 from ._problem import Problem, make_problem, to_solution
 from ._solution import Solution
 from ._solver import Solver
@@ -19,7 +19,7 @@ from ._solver import Solver
 def solve(solver: Solver, problem: Problem) -> FlatSolution:
     """Run `solver` on `problem` through the shared loop (differentiable iff the loop
     kind is)."""
-    return iterate(solver, problem.f, problem.z0, problem.trace_init, problem.step_budget)
+    return solver.run(problem.f, problem.z0, problem.trace_init, problem.step_budget)
 
 
 class Adjoint(eqx.Module):

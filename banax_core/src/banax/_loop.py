@@ -269,4 +269,4 @@ def solve_flat(
 
     Samples along the first axis are independent, so per-sample stopping applies.
     """
-    return iterate(solver, lambda z, trace, tag=None: (fn(z), trace), z0, None, step_budget)
+    return solver.run(lambda z, trace, tag=None: (fn(z), trace), z0, None, step_budget)

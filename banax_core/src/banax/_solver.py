@@ -1,14 +1,18 @@
 """The `Solver` base class and the capabilities a solver may advertise."""
 
 import abc
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import equinox as eqx
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from ._layout import FlatState
 from ._options import check_choice, check_flag, check_integer, check_real, normalise_options
 from ._trace import TracedFunction
+
+if TYPE_CHECKING:
+    from ._loop import FlatSolution
 
 LOOP_KINDS = ("lax", "bounded", "checkpointed")
 SolverState = TypeVar("SolverState")
@@ -90,6 +94,18 @@ class Solver(eqx.Module, Generic[SolverState]):
         if self.rtol > 0:
             ok = ok | (rel_err <= self.rtol)
         return ok
+
+    def run(
+        self, f: Callable[..., tuple[FlatState, Any]], z0: FlatState, trace: Any = None,
+        step_budget: Int[Array, ""] | None = None,
+    ) -> "FlatSolution":
+        """Solve `z = f(z)` from `z0`: by default, `init` and `step` through the shared
+        loop (`banax.iterate`). Override only for a solver made of whole solves, such as
+        one that runs two solvers in turn (`banax.solver.Fallback`); `banax.solve` and
+        `banax.solve_flat` call this."""
+        from ._loop import iterate  # _loop imports this module
+
+        return iterate(self, f, z0, trace, step_budget)
 
     @abc.abstractmethod
     def init(self, z0: FlatState, fz0: FlatState) -> SolverState:

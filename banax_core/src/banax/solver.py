@@ -1,9 +1,9 @@
 """Fixed-point solvers.
 
 `Solver` is the base class. The concrete solvers (`Picard`, `Relaxed`, `Reversible`,
-`Broyden`, `Anderson`, and any a plugin adds) are resolved from the registry on
-attribute access, so `from banax.solver import Anderson` works for every installed
-plugin without this module importing one.
+`Broyden`, `Anderson`, `Fallback`, and any a plugin adds) are resolved from the
+registry on attribute access, so `from banax.solver import Anderson` works for every
+installed plugin without this module importing one.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -12,11 +12,11 @@ from ._registry import REGISTRY, registrations
 from ._solver import LOOP_KINDS, InvertibleStep, LowRankInverseJacobian, Solver
 
 if TYPE_CHECKING:
-    from banax_solvers import Anderson, Broyden, Picard, Relaxed, Reversible
+    from banax_solvers import Anderson, Broyden, Fallback, Picard, Relaxed, Reversible
 
 __all__ = [
     "LOOP_KINDS", "InvertibleStep", "LowRankInverseJacobian", "Solver",
-    "Anderson", "Broyden", "Picard", "Relaxed", "Reversible",
+    "Anderson", "Broyden", "Fallback", "Picard", "Relaxed", "Reversible",
 ]
 
 

@@ -3,7 +3,7 @@ plugin uses (entry point `solvers = "banax_solvers.plugin"` in the group `banax`
 
 import banax
 
-from . import Anderson, Broyden, Picard, Relaxed, Reversible
+from . import Anderson, Broyden, Fallback, Picard, Relaxed, Reversible
 
 
 @banax.hookimpl
@@ -14,4 +14,5 @@ def banax_solvers() -> dict[str, type]:
         "reversible": Reversible,
         "broyden": Broyden,
         "anderson": Anderson,
+        "fallback": Fallback,
     }
