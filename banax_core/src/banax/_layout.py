@@ -67,11 +67,11 @@ class Layout(eqx.Module):
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
 
-def _check_leaf(path: Any, leaf: Any) -> None:
-    where = f"x0{jax.tree_util.keystr(path)}"
+def _check_leaf(name: str, path: Any, leaf: Any) -> None:
+    where = f"{name}{jax.tree_util.keystr(path)}"
     if isinstance(leaf, (bool, int, float, complex)):
         raise TypeError(
-            f"Every leaf of x0 must be an array, but {where} is a Python "
+            f"Every leaf of {name} must be an array, but {where} is a Python "
             f"{type(leaf).__name__} ({leaf!r}). A list or tuple of numbers is a pytree of "
             "scalars, not a vector: pass jnp.asarray([...], dtype=jnp.float32) for a "
             "vector state, or jnp.asarray(value, dtype=jnp.float32) for a scalar one."
@@ -79,7 +79,7 @@ def _check_leaf(path: Any, leaf: Any) -> None:
     if not (isinstance(leaf, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
             or hasattr(leaf, "dtype")):
         raise TypeError(
-            f"Every leaf of x0 must be a floating-point array, but {where} is a "
+            f"Every leaf of {name} must be a floating-point array, but {where} is a "
             f"{type(leaf).__name__} ({leaf!r}). Move non-array data into f's arguments "
             "(f_spec = (f, args)) and keep only arrays in the state."
         )
@@ -90,11 +90,11 @@ def _check_leaf(path: Any, leaf: Any) -> None:
         )
 
 
-def as_state(x0: Any) -> Any:
+def as_state(x0: Any, name: str = "x0") -> Any:
     """`x0` with NumPy leaves turned into JAX arrays, after checking that every leaf is
     a floating-point array (Python numbers, strings and lists are refused, naming the
-    leaf)."""
-    jax.tree_util.tree_map_with_path(_check_leaf, x0)
+    leaf as `name[...]`)."""
+    jax.tree_util.tree_map_with_path(lambda p, leaf: _check_leaf(name, p, leaf), x0)
     return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), x0)
 
 
@@ -103,7 +103,7 @@ def layout_of(x0: Any, batch_axis: int | None) -> Layout:
     leaves, treedef = jax.tree_util.tree_flatten(x0)
     if not leaves:
         raise ValueError("x0 must contain at least one array; got an empty pytree.")
-    jax.tree_util.tree_map_with_path(_check_leaf, x0)
+    jax.tree_util.tree_map_with_path(lambda p, leaf: _check_leaf("x0", p, leaf), x0)
     shapes = [tuple(leaf.shape) for leaf in leaves]
     dtypes = [jnp.dtype(leaf.dtype) for leaf in leaves]
     if batch_axis is None:
