@@ -61,5 +61,5 @@ class DenseImplicit(banax.LinearSolveAdjoint):
         default_factory=lambda: Iterate(rtol=1e-12, max_steps=2000)
     )
 
-    def adjoint_solve(self, vjp, g, forward):
-        return banax.solve_flat(self.b_solver, lambda lam: g + vjp(lam), g).z
+    def adjoint_solve(self, vjp, g, forward, budget):
+        return banax.solve_flat(self.b_solver, lambda lam: g + vjp(lam), g, budget).z

@@ -17,30 +17,69 @@ def _solver(name, **options):
     return banax.get_solver(name, **options)
 
 
-@pytest.mark.parametrize(
-    "build, message",
-    [
-        (lambda: BPTT(solver=_solver("picard")), "loop_kind='checkpointed'"),
-        (lambda: BPTT(solver=_solver("broyden", ls_steps=3, loop_kind="checkpointed")),
-         "ls_steps=0"),
-        (lambda: GDEQ(solver=_solver("anderson")), "Broyden"),
-        (lambda: Reversible(solver=_solver("picard")), "get_solver('reversible'"),
-        (lambda: Reversible(solver=_solver("broyden", ls_steps=3)), "InvertibleStep"),
-        (lambda: Reversible(solver=_solver("reversible", keep_best=True)),
-         "keep_best=False"),
-        (lambda: Implicit(solver=_solver("picard"), b_solver="picard"), "lineax.GMRES"),
-        (lambda: JFB(solver="picard"), "banax.Solver instance"),
-        (lambda: UnrollPhantom(solver=_solver("picard"), n_steps=0), "n_steps"),
-        (lambda: UnrollPhantom(solver=_solver("picard"), damp=1.5), "(0, 1]"),
-    ],
-    ids=["bptt-lax", "bptt-line-search", "gdeq-no-factors", "reversible-picard",
-         "reversible-broyden", "reversible-keep-best", "implicit-b-solver-name",
-         "jfb-not-a-solver", "phantom-steps", "phantom-damp"],
-)
-def test_bad_pairings_fail_at_construction(build, message):
-    with pytest.raises((ValueError, TypeError)) as error:
+class _DampTwo(type(_solver("picard"))):
+    """A plugin's solver whose `damp` option NeumannPhantom cannot use."""
+
+    damp: float = 2.0
+
+
+#: Pairings an adjoint cannot work with: `banax.PairingError`, a TypeError as banax
+#: 0.1.5 raises it (and a ValueError).
+PAIRINGS = {
+    "bptt-lax": (lambda: BPTT(solver=_solver("picard")), "loop_kind='checkpointed'"),
+    "bptt-line-search": (
+        lambda: BPTT(solver=_solver("broyden", ls_steps=3, loop_kind="checkpointed")),
+        "ls_steps=0"),
+    "gdeq-no-factors": (lambda: GDEQ(solver=_solver("anderson")), "Broyden"),
+    "reversible-picard": (lambda: Reversible(solver=_solver("picard")),
+                          "get_solver('reversible'"),
+    "reversible-broyden": (lambda: Reversible(solver=_solver("broyden", ls_steps=3)),
+                           "InvertibleStep"),
+    "unroll-line-search": (
+        lambda: UnrollPhantom(solver=_solver("picard"),
+                              b_solver=_solver("broyden", ls_steps=3)),
+        "differentiable_step is False"),
+}
+
+
+@pytest.mark.parametrize("name", PAIRINGS)
+def test_bad_pairings_are_type_errors(name):
+    build, message = PAIRINGS[name]
+    with pytest.raises(TypeError) as error:
         build()
+    assert isinstance(error.value, banax.PairingError)
+    assert isinstance(error.value, ValueError)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "build, error, message",
+    [
+        (lambda: Reversible(solver=_solver("reversible", keep_best=True)), ValueError,
+         "keep_best=False"),
+        (lambda: Implicit(solver=_solver("picard"), b_solver="picard"), TypeError,
+         "lineax.GMRES"),
+        (lambda: JFB(solver="picard"), TypeError, "banax.Solver instance"),
+        (lambda: UnrollPhantom(solver=_solver("picard"), b_solver="relaxed"), TypeError,
+         "b_solver must be a banax.Solver"),
+        (lambda: NeumannPhantom(solver=_solver("picard"), b_solver=_DampTwo()),
+         ValueError, "b_solver.damp must be a number in (0, 1]"),
+        (lambda: Implicit(solver=_solver("picard"), on_failure="explode"), ValueError,
+         "on_failure"),
+    ],
+    ids=["reversible-keep-best", "implicit-b-solver-name", "jfb-not-a-solver",
+         "unroll-b-solver-name", "neumann-damp", "on-failure"],
+)
+def test_bad_options_fail_at_construction(build, error, message):
+    with pytest.raises(error) as raised:
+        build()
+    assert message in str(raised.value)
+
+
+def test_the_second_unroll_spelling_is_gone():
+    """`UnrollPhantom` reads its steps from `b_solver`, as `NeumannPhantom` does."""
+    with pytest.raises(TypeError, match="n_steps"):
+        UnrollPhantom(solver=_solver("picard"), n_steps=3)
 
 
 def test_line_search_is_refused_by_adjoints_that_unroll_the_step():
@@ -54,7 +93,7 @@ def test_line_search_is_refused_by_adjoints_that_unroll_the_step():
         def differentiable_step(self):
             return False
 
-    with pytest.raises(ValueError, match="differentiable_step is False"):
+    with pytest.raises(banax.PairingError, match="differentiable_step is False"):
         Reversible(solver=WithLineSearch())
 
 

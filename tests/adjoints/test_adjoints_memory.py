@@ -29,7 +29,8 @@ ADJOINTS = {
     "implicit": lambda n: Implicit(solver=_solver("picard", n),
                                    b_solver=_solver("picard", n)),
     "gdeq": lambda n: GDEQ(solver=_solver("broyden", n)),
-    "unroll_phantom": lambda n: UnrollPhantom(solver=_solver("picard", n), n_steps=4),
+    "unroll_phantom": lambda n: UnrollPhantom(solver=_solver("picard", n),
+                                              b_solver=_solver("picard", 4)),
     "reversible": lambda n: Reversible(solver=_solver("reversible", n, damp=0.5)),
     "bptt_bounded": lambda n: BPTT(solver=_solver("picard", n, loop_kind="bounded")),
     "bptt_checkpointed": lambda n: BPTT(

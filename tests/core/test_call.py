@@ -168,3 +168,36 @@ def test_zeros_like_and_half_normal_like():
     assert abs(nonzero.mean()) < 0.05 and abs(nonzero.std() - 1) < 0.05
     with pytest.raises(TypeError, match="floating-point"):
         banax.half_normal_like(jax.random.key(0), jnp.zeros(3, jnp.int32))
+
+
+def test_result_codes_are_the_integers_of_banax_0_1_5():
+    assert [int(code) for code in banax.Result] == [0, 1, 2]
+    assert banax.Result(1) is banax.Result.MAX_STEPS
+    assert "max_steps" in banax.Result.MAX_STEPS.message
+    assert "last finite iterate" in banax.Result.DIVERGED.message
+
+
+@pytest.mark.parametrize("max_steps, code", [(200, 0), (3, 1)])
+def test_a_result_compares_as_an_int_and_as_a_code_inside_jit(max_steps, code):
+    solve = Direct(Iterate(rtol=1e-12, max_steps=max_steps))
+
+    @jax.jit
+    def checks(w):
+        sol = solve((lambda x, w: w @ x + B, w), jnp.zeros(2))
+        return sol.result, sol.result == code, sol.result == banax.Result(code)
+
+    result, as_int, as_code = checks(W)
+    assert result.dtype == jnp.int32 and result.shape == ()
+    assert int(result) == banax.Result(code) and bool(as_int) and bool(as_code)
+
+
+def test_batched_results_are_an_int_array_with_a_short_summary():
+    solve = Direct(Iterate(rtol=1e-12, max_steps=4, batch_axis=0))
+    # Row 0 starts at its fixed point; the others need more than 4 steps; row 2 blows up.
+    x0 = jnp.stack([EXPECTED, jnp.zeros(2), jnp.array([jnp.inf, 0.0])])
+    sol = solve(lambda x: x @ W.T + B[None, :], x0)
+    assert sol.result.dtype == jnp.int32
+    assert sol.result.tolist() == [0, 1, 2]
+    assert (sol.result == banax.Result.MAX_STEPS).tolist() == [False, True, False]
+    assert banax.result_summary(sol.result) == "CONVERGED: 1, MAX_STEPS: 1, DIVERGED: 1"
+    assert banax.result_summary(jnp.zeros(16, jnp.int32)) == "CONVERGED: 16"

@@ -19,7 +19,7 @@ def check_differentiable_step(adjoint: str, solver: banax.Solver) -> None:
     """Adjoints that differentiate the solver's step refuse a step that is not
     differentiable (e.g. one with a line search)."""
     if not solver.differentiable_step:
-        raise ValueError(
+        raise banax.PairingError(
             f"{adjoint}: the step of {type(solver).__name__} cannot be differentiated "
             "here (its differentiable_step is False, e.g. because of a line search: for "
             "Broyden set ls_steps=0). Use a solver without a line search, or an adjoint "

@@ -36,7 +36,7 @@ class BPTT(banax.Adjoint):
     def __check_init__(self) -> None:
         check_solver("BPTT", "solver", self.solver)
         if self.solver.loop_kind == "lax":
-            raise ValueError(
+            raise banax.PairingError(
                 f"BPTT: {type(self.solver).__name__} has loop_kind='lax', which cannot "
                 "be differentiated in reverse mode. Use loop_kind='checkpointed' (memory "
                 "grows slowly with max_steps) or 'bounded', or keep 'lax' with an "

@@ -39,7 +39,7 @@ class GDEQ(banax.LinearSolveAdjoint):
     def __check_init__(self) -> None:
         check_solver("GDEQ", "solver", self.solver)
         if not isinstance(self.solver, banax.LowRankInverseJacobian):
-            raise ValueError(
+            raise banax.PairingError(
                 f"GDEQ: {type(self.solver).__name__} does not expose low-rank "
                 "inverse-Jacobian factors (the banax.LowRankInverseJacobian capability). "
                 "Use a solver that does, such as GDEQ(solver=Broyden(...)), or JFB for "
@@ -51,6 +51,7 @@ class GDEQ(banax.LinearSolveAdjoint):
         vjp: Callable[[jax.Array], jax.Array],
         g: jax.Array,
         forward: FlatSolution,
+        budget: None,
     ) -> jax.Array:
         u, v = self.solver.inverse_jacobian_factors(forward.state)
         dtype = jnp.result_type(g, u, v)

@@ -2,7 +2,9 @@
 
 from collections.abc import Callable
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import lineax as lx
 
 import banax
@@ -26,19 +28,26 @@ class Implicit(banax.LinearSolveAdjoint):
     use any `loop_kind` (`"lax"` is cheapest). `x0` gets no gradient: the fixed point
     does not depend on it.
 
-    `b_solver` is required (the backward system deserves its own tolerance) and is
-    either:
+    `b_solver` is either:
 
     - a banax solver, run on the fixed-point form `λ = ḡ + Jᵀλ` starting from `ḡ`
       (e.g. `Picard(rtol=1e-8)`; `Anderson` for faster convergence). Each step costs
       one VJP, and fixed-point iteration needs many steps when the spectral radius of
-      `J` is close to 1; or
+      `J` is close to 1. The call's `backward_budget` caps its steps at run time; or
     - a lineax linear solver applied to the operator `v ↦ v − Jᵀv`, such as
       `lineax.GMRES(rtol=1e-6, atol=1e-6)` or `lineax.BiCGStab(...)`. Krylov methods
       need far fewer VJPs than fixed-point iteration on ill-conditioned systems.
       (`lineax.CG` needs a symmetric positive-definite operator, which `I − Jᵀ`
-      generally is not.) The solve runs with `throw=False`: an unconverged backward
-      solve gives an approximate gradient rather than an error.
+      generally is not.) It runs with `throw=False` and reports lineax's own result
+      and `num_steps`; its `max_steps` is fixed at compile time, so it takes no
+      `backward_budget`.
+
+    Left out, `b_solver` defaults to the forward solver itself (its class and options)
+    with `loop_kind="lax"` and `keep_best=False`: `Jᵀ` has the eigenvalues of `J`, so
+    the backward iteration contracts like the forward one did, and the gradient is
+    as accurate as the forward's tolerance allows. How the backward solve ended is
+    reported to a `backward_probe` and handled by `on_failure` (see
+    `banax.BackwardRuleAdjoint`).
 
     The gradient is only as good as the forward fixed point: if the forward solve
     stopped far from `z*`, prefer `BPTT`, which differentiates what actually ran.
@@ -49,11 +58,23 @@ class Implicit(banax.LinearSolveAdjoint):
     **Arguments:**
 
     - `solver`: the forward solver.
-    - `b_solver`: the backward solver (see above).
+    - `b_solver`: the backward solver (see above); default: the forward solver's.
+    - `on_failure`: `"warn"` (default), `"raise"` or `"ignore"` when the backward
+        solve does not converge.
     """
 
     solver: banax.Solver
-    b_solver: banax.Solver | lx.AbstractLinearSolver
+    b_solver: banax.Solver | lx.AbstractLinearSolver = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.b_solver is None and isinstance(self.solver, banax.Solver):
+            self.b_solver = eqx.tree_at(
+                lambda s: (s.loop_kind, s.keep_best), self.solver, ("lax", False)
+            )
+
+    @property
+    def takes_backward_budget(self) -> bool:
+        return isinstance(self.b_solver, banax.Solver)
 
     def __check_init__(self) -> None:
         check_solver("Implicit", "solver", self.solver)
@@ -69,11 +90,26 @@ class Implicit(banax.LinearSolveAdjoint):
         vjp: Callable[[jax.Array], jax.Array],
         g: jax.Array,
         forward: FlatSolution,
-    ) -> jax.Array:
+        budget: jax.Array | None,
+    ) -> tuple[jax.Array, banax.BackwardStats]:
         vjp, g = widened(vjp, g)
         if isinstance(self.b_solver, banax.Solver):
-            return banax.solve_flat(self.b_solver, lambda lam: g + vjp(lam), g).z
+            sol = banax.solve_flat(self.b_solver, lambda lam: g + vjp(lam), g, budget)
+            return sol.z, banax.BackwardStats.from_flat(sol.result, sol.stats)
         operator = lx.FunctionLinearOperator(
             lambda v: v - vjp(v), jax.eval_shape(lambda: g)
         )
-        return lx.linear_solve(operator, g, self.b_solver, throw=False).value
+        sol = lx.linear_solve(operator, g, self.b_solver, throw=False)
+        lam = sol.value
+        # lineax solves the whole batch as one system: one result and step count.
+        abs_err, rel_err = banax.residual_norms(lam, g + vjp(lam))
+        ended = lambda r: jnp.broadcast_to(sol.result == r, abs_err.shape)  # noqa: E731
+        code = jnp.select(
+            [~jnp.isfinite(abs_err), ended(lx.RESULTS.successful),
+             ended(lx.RESULTS.max_steps_reached)],
+            [banax.Result.DIVERGED, banax.Result.CONVERGED, banax.Result.MAX_STEPS],
+            banax.Result.DIVERGED,
+        )
+        steps = jnp.broadcast_to(jnp.asarray(sol.stats.get("num_steps", 0)), code.shape)
+        stats = banax.Stats(steps=steps, abs_err=abs_err, rel_err=rel_err)
+        return lam, banax.BackwardStats.from_flat(code, stats)

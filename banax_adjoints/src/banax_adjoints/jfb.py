@@ -40,5 +40,6 @@ class JFB(banax.LinearSolveAdjoint):
         vjp: Callable[[jax.Array], jax.Array],
         g: jax.Array,
         forward: FlatSolution,
+        budget: None,
     ) -> jax.Array:
         return g

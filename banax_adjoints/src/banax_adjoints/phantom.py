@@ -7,20 +7,23 @@ same fixed point as `f` and Jacobian `J_β = (1 − β) I + β J`. Since
     (I − J)⁻¹ = β Σ_{k≥0} J_β^k,
 
 and a phantom gradient keeps the first `K` terms. `K = 1`, `β = 1` is `JFB`; the
-truncation error shrinks like `ρ(J_β)^K`, so more steps approach `Implicit`.
+truncation error shrinks like `ρ(J_β)^K`, so more steps approach `Implicit`. Both read
+`K` (and the step) from their `b_solver`, by default `Picard(max_steps=5)`: five plain
+steps. The call's `backward_budget` lowers `K` at run time.
 """
 
 from collections.abc import Callable
 from typing import Any
 
-import equinox as eqx
+import equinox.internal as eqxi
 import jax
+import jax.numpy as jnp
 
 import banax
 from banax import FlatSolution, Problem
 
 from ._backward import widened
-from ._validation import check_solver
+from ._validation import check_differentiable_step, check_solver
 
 
 def _check_damp(adjoint: str, damp: float, source: str) -> None:
@@ -31,63 +34,108 @@ def _check_damp(adjoint: str, damp: float, source: str) -> None:
     )
 
 
+def _default_b_solver() -> banax.Solver:
+    return banax.get_solver("picard", max_steps=5)
+
+
+def _terms(b_solver: banax.Solver, budget: jax.Array | None) -> Any:
+    """`K`: `b_solver.max_steps`, lowered to the call's backward budget if any."""
+    if budget is None:
+        return b_solver.max_steps
+    return jnp.clip(budget, 0, b_solver.max_steps)
+
+
+def _report(steps: Any, abs_err: jax.Array, rel_err: jax.Array) -> banax.BackwardStats:
+    """A phantom's report: its `K` steps, and CONVERGED unless it overflowed, since the
+    truncation is the method, not a failure."""
+    result = jnp.where(jnp.isfinite(abs_err), banax.Result.CONVERGED, banax.Result.DIVERGED)
+    steps = jnp.broadcast_to(jnp.asarray(steps), abs_err.shape)
+    return banax.BackwardStats.from_flat(
+        result, banax.Stats(steps=steps, abs_err=abs_err, rel_err=rel_err)
+    )
+
+
 class UnrollPhantom(banax.BackwardRuleAdjoint):
-    """Unrolled phantom gradient: backpropagate through a few relaxed steps from `z*`.
+    """Unrolled phantom gradient: backpropagate through `K` steps of `b_solver` from
+    `z*`.
 
     Starting from the forward solver's fixed point `z₀ = z*` (not differentiated), run
+    `b_solver`'s own iteration (its `init` and `step`) for exactly `K =
+    b_solver.max_steps` steps, ignoring its tolerances, and use `∂z_K/∂θ` as the
+    gradient of `z*`. With `Relaxed(damp=β)` the steps are `z_{k+1} = (1 − β) z_k + β
+    f(z_k, θ)`, and at an exact fixed point the gradient equals `(∂f/∂θ)ᵀ β Σ_{k<K}
+    (J_βᵀ)^k ḡ` (see the module docstring); with `Picard` it is `β = 1`; any solver
+    with a differentiable step works (Anderson's unroll differentiates its mixing
+    too). When `z*` is inexact the unroll also accounts for the steps still moving.
+    The value returned is exactly the forward solver's `z*`; only the gradient comes
+    from the unroll.
 
-        z_{k+1} = (1 − β) z_k + β f(z_k, θ),   k = 0 … K − 1,
+    `b_solver.loop_kind` sets the unroll's memory: `"checkpointed"` stores about
+    `√(2K)` states and recomputes the rest; `"bounded"`, and `"lax"` (which cannot be
+    reverse-differentiated, so it runs as `"bounded"`), store the `K` states.
 
-    and use `∂z_K/∂θ` as the gradient of `z*`. The value returned is exactly the forward
-    solver's `z*`; only the gradient comes from the unroll. At an exact fixed point this
-    equals `(∂f/∂θ)ᵀ β Σ_{k<K} (J_βᵀ)^k ḡ` (see the module docstring); when `z*` is
-    inexact, the unroll also accounts for the steps still moving.
-
-    Cost: `K` evaluations and `K` VJPs of `f`, all in the backward pass. Memory: the `K`
-    unrolled states, independent of the solver's `max_steps`. Biased for finite `K`;
-    `n_steps=1, damp=1` is JFB. A poor choice when the spectral radius of `J` is close
-    to 1 (many steps needed); use `Implicit` with a Krylov `b_solver` then.
+    Cost: `K + 1` evaluations and `K + 1` VJPs of `f`, all in the backward pass;
+    memory independent of the forward solver's `max_steps`. Biased for finite `K`;
+    one `Picard` step is JFB. A poor choice when the spectral radius of `J` is close to
+    1 (many steps needed); use `Implicit` with a Krylov `b_solver` then. The
+    `backward_probe` receives `K` as steps and the residual `‖f(z_K) − z_K‖` at the
+    end of the unroll.
 
     **Arguments:**
 
     - `solver`: the forward solver (any `loop_kind`).
-    - `n_steps`: the number `K ≥ 1` of unrolled steps. Default 5.
-    - `damp`: the relaxation `β` in (0, 1]. Default 1.0 (plain steps); values below 1
-        help when `J` has eigenvalues near −1 or a spectral radius above 1 along some
-        directions, and slow the series down otherwise.
+    - `b_solver`: the solver whose `K = max_steps` steps are unrolled; its step must
+        be differentiable. Default `Picard(max_steps=5)`.
+    - `on_failure`: see `banax.BackwardRuleAdjoint` (the unroll fails only when it
+        overflows).
     """
 
     solver: banax.Solver
-    n_steps: int = eqx.field(default=5, kw_only=True)
-    damp: float = eqx.field(default=1.0, kw_only=True)
+    b_solver: banax.Solver = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.b_solver is None:
+            self.b_solver = _default_b_solver()
 
     def __check_init__(self) -> None:
         check_solver("UnrollPhantom", "solver", self.solver)
-        if isinstance(self.n_steps, bool) or not isinstance(self.n_steps, int) \
-                or self.n_steps < 1:
-            raise ValueError(
-                f"UnrollPhantom: n_steps must be an int >= 1, got {self.n_steps!r}."
-            )
-        _check_damp("UnrollPhantom", self.damp, "damp")
+        check_solver("UnrollPhantom", "b_solver", self.b_solver)
+        check_differentiable_step("UnrollPhantom", self.b_solver)
+
+    @property
+    def takes_backward_budget(self) -> bool:
+        return True
 
     def backward(
         self, problem: Problem, forward: FlatSolution, g: jax.Array
-    ) -> tuple[Any, None]:
+    ) -> tuple[Any, None, banax.BackwardStats]:
         params, f_with = problem.parameters()
-        beta = self.damp
+        b_solver = self.b_solver
+        steps = _terms(b_solver, problem.backward_budget)
+        kind = "bounded" if b_solver.loop_kind == "lax" else b_solver.loop_kind
 
-        def unroll(p: Any) -> jax.Array:
-            f = f_with(p)
+        def unroll(p: Any) -> tuple[jax.Array, jax.Array]:
+            fn = f_with(p)
 
-            def relaxed_step(z: jax.Array, _: None) -> tuple[jax.Array, None]:
-                return ((1 - beta) * z + beta * f(z)).astype(z.dtype), None
+            def f(z: jax.Array, trace: Any, tag: str | None = None) -> tuple:
+                return fn(z), trace
 
-            z, _ = jax.lax.scan(relaxed_step, forward.z, None, length=self.n_steps)
-            return z
+            def body(carry: tuple) -> tuple:
+                k, z, fz, state = carry
+                z, fz, state, _ = b_solver.step(f, z, fz, state, None)
+                return k + 1, z, fz, state
 
-        _, vjp = jax.vjp(unroll, params)
-        (p_bar,) = vjp(g)
-        return p_bar, None
+            z, fz = forward.z, fn(forward.z)
+            init = (jnp.asarray(0), z, fz, b_solver.init(z, fz))
+            _, z, fz, _ = eqxi.while_loop(
+                lambda carry: carry[0] < steps, body, init,
+                max_steps=b_solver.max_steps, kind=kind,
+            )
+            return z, fz
+
+        (z, fz), vjp = jax.vjp(unroll, params)
+        (p_bar,) = vjp((g, jax.tree.map(jnp.zeros_like, fz)))
+        return p_bar, None, _report(steps, *banax.residual_norms(z, fz))
 
 
 class NeumannPhantom(banax.LinearSolveAdjoint):
@@ -105,21 +153,34 @@ class NeumannPhantom(banax.LinearSolveAdjoint):
     Cost: `K − 1` VJPs of `f` plus one for the parameters; memory independent of
     `max_steps`. Biased for finite `K` (`K = 1, β = 1` is JFB). Like `UnrollPhantom` at
     an exact fixed point, but it never re-evaluates `f` away from `z*`. A poor choice
-    when the spectral radius of `J` is close to 1; use `Implicit` then.
+    when the spectral radius of `J` is close to 1; use `Implicit` then. The
+    `backward_probe` receives `K` as steps and the residual `‖ḡ + Jᵀλ − λ‖` of `λ` in
+    the backward system (one more VJP, computed only when the probe is read).
 
     **Arguments:**
 
     - `solver`: the forward solver (any `loop_kind`).
     - `b_solver`: a banax solver whose `max_steps` (and `damp`, if any) set the series.
+        Default `Picard(max_steps=5)`.
+    - `on_failure`: see `banax.BackwardRuleAdjoint` (the series fails only when it
+        overflows).
     """
 
     solver: banax.Solver
-    b_solver: banax.Solver
+    b_solver: banax.Solver = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.b_solver is None:
+            self.b_solver = _default_b_solver()
 
     def __check_init__(self) -> None:
         check_solver("NeumannPhantom", "solver", self.solver)
         check_solver("NeumannPhantom", "b_solver", self.b_solver)
         _check_damp("NeumannPhantom", self.damp, "b_solver.damp")
+
+    @property
+    def takes_backward_budget(self) -> bool:
+        return True
 
     @property
     def damp(self) -> float:
@@ -131,16 +192,18 @@ class NeumannPhantom(banax.LinearSolveAdjoint):
         vjp: Callable[[jax.Array], jax.Array],
         g: jax.Array,
         forward: FlatSolution,
-    ) -> jax.Array:
+        budget: jax.Array | None,
+    ) -> tuple[jax.Array, banax.BackwardStats]:
         vjp, g = widened(vjp, g)
         beta = self.damp
+        terms = _terms(self.b_solver, budget)
 
         def add_term(_: int, carry: tuple[jax.Array, jax.Array]) -> tuple:
             term, total = carry
             term = (1 - beta) * term + beta * vjp(term)
             return term, total + term
 
-        _, total = jax.lax.fori_loop(
-            1, self.b_solver.max_steps, add_term, (g, g)
-        )
-        return beta * total
+        _, total = jax.lax.fori_loop(1, terms, add_term, (g, g))
+        # A budget of 0 terms leaves λ = 0 (no gradient through the fixed point).
+        lam = jnp.where(terms > 0, beta * total, 0).astype(g.dtype)
+        return lam, _report(terms, *banax.residual_norms(lam, g + vjp(lam)))

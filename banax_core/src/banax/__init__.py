@@ -7,7 +7,14 @@ through the `banax` entry-point group the first time a name is looked up.
 from importlib import metadata as _metadata
 
 from . import adjoint, hookspecs, regularization, solver, utils
-from ._adjoint import Adjoint, BackwardRuleAdjoint, LinearSolveAdjoint, solve
+from ._adjoint import (
+    Adjoint,
+    BackwardRuleAdjoint,
+    BackwardSolveWarning,
+    LinearSolveAdjoint,
+    PairingError,
+    solve,
+)
 from ._deq import DEQ
 from ._fspec import BoundFunction, FSpec, bind
 from ._layout import Layout
@@ -39,7 +46,7 @@ from ._registry import (
     registrations,
     unregister_plugin,
 )
-from ._solution import Result, Solution, Stats
+from ._solution import BackwardStats, Result, Solution, Stats, result_summary
 from ._solver import InvertibleStep, LowRankInverseJacobian, Solver
 from ._trace import TracedFunction
 from .hookspecs import hookimpl
@@ -58,7 +65,8 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
     __version__ = "0.0.0"
 
 __all__ = [
-    "Adjoint", "BackwardRuleAdjoint", "BanaxPluginWarning", "BoundFunction", "DEQ", "FSpec",
+    "Adjoint", "BackwardRuleAdjoint", "BackwardSolveWarning", "BackwardStats", "PairingError",
+    "result_summary", "BanaxPluginWarning", "BoundFunction", "DEQ", "FSpec",
     "FlatSolution", "InvertibleStep", "Layout", "LinearSolveAdjoint", "LowRankInverseJacobian",
     "PluginConflictError", "PluginError", "PluginFailure", "Problem", "Registration",
     "Result", "Solution", "Solver", "Stats", "TracedFunction", "UnknownNameError",

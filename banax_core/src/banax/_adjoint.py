@@ -1,19 +1,41 @@
-"""The `Adjoint` base class: the user's entry point and owner of the gradient rule."""
+"""The `Adjoint` base class: the user's entry point and owner of the gradient rule; and
+the custom-VJP mechanism that reports how a backward solve ended."""
 
 import abc
+import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Int
 
 from ._fspec import FSpec
 from ._layout import FlatState
-from ._loop import FlatSolution
+from ._loop import FlatSolution, check_step_budget
+from ._options import check_choice, normalise_options
 from ._problem import Problem, make_problem, to_solution
-from ._solution import Solution
+from ._solution import BackwardStats, Result, Solution, result_summary
 from ._solver import Solver
+
+ON_FAILURE = ("raise", "warn", "ignore")
+
+
+class PairingError(TypeError, ValueError):
+    """An adjoint was given a solver it cannot work with (BPTT with a `"lax"` loop, GDEQ
+    without inverse-Jacobian factors, the reversible adjoint with a step it cannot
+    invert, an adjoint that unrolls a step that is not differentiable).
+
+    Raised at construction. A `TypeError` (as banax 0.1.5 raises it) and a
+    `ValueError`, so either `except` catches it.
+    """
+
+
+class BackwardSolveWarning(UserWarning):
+    """A backward solve ended without converging (`on_failure="warn"`): the gradient of
+    that step is unreliable."""
 
 
 def solve(solver: Solver, problem: Problem) -> FlatSolution:
@@ -26,7 +48,14 @@ class Adjoint(eqx.Module):
     """Base class of every adjoint: finds the fixed point and owns its gradient rule.
 
     Call it as `adjoint(f_spec, x0, has_aux=False, trace=None, step_budget=None)` to get
-    a `Solution` whose `value` carries gradients to the arrays in `f_spec`.
+    a `Solution` whose `value` carries gradients to the arrays in `f_spec`. Two keyword
+    arguments concern the backward pass:
+
+    - `backward_probe`: a `banax.BackwardStats.probe()`; differentiate with respect to
+        it to receive the backward solve's `BackwardStats` (see there).
+    - `backward_budget`: an integer JAX array capping the backward solve's steps at run
+        time (clamped to `[0, b_solver.max_steps]`, no recompile), like `step_budget`
+        for the forward. Only adjoints with `takes_backward_budget` accept one.
 
     **Writing an adjoint.** Subclass, declare `solver: Solver` (and any options) as
     fields, and implement `solve(problem) -> FlatSolution`. Use `banax.solve(solver,
@@ -35,10 +64,22 @@ class Adjoint(eqx.Module):
     untouched forward solve, subclass `BackwardRuleAdjoint` and implement `backward`;
     for rules of the form `θ̄ = (∂f/∂θ)ᵀ λ, λ ≈ (I − Jᵀ)⁻¹ ḡ`, subclass
     `LinearSolveAdjoint` and write only `adjoint_solve`. Reject invalid solver pairings
-    in `__check_init__`.
+    in `__check_init__` with `banax.PairingError`.
     """
 
     solver: eqx.AbstractVar[Solver]
+
+    def __check_init__(self) -> None:
+        # After the subclasses' checks: NumPy-scalar options become Python scalars,
+        # static under jit (see `banax.normalise_options`).
+        normalise_options(self)
+
+    @property
+    def takes_backward_budget(self) -> bool:
+        """Whether the backward pass runs an iteration that `backward_budget` can cap
+        at run time. False here; adjoints whose backward solve reads
+        `problem.backward_budget` override it."""
+        return False
 
     def __call__(
         self,
@@ -47,16 +88,52 @@ class Adjoint(eqx.Module):
         has_aux: bool = False,
         trace: tuple[Callable[..., Any], Any] | None = None,
         step_budget: Int[Array, ""] | None = None,
+        *,
+        backward_probe: BackwardStats | None = None,
+        backward_budget: Int[Array, ""] | None = None,
     ) -> Solution:
         problem = make_problem(
             f_spec, x0, has_aux=has_aux, trace=trace, step_budget=step_budget,
             batch_axis=self.solver.batch_axis,
+        )
+        budget = check_step_budget(backward_budget, "backward_budget")
+        if budget is not None and not self.takes_backward_budget:
+            raise TypeError(
+                f"{type(self).__name__} does not take a backward_budget: its backward "
+                "pass runs no iteration whose length can change at run time (JFB, GDEQ "
+                "and BPTT solve nothing backwards; a lineax b_solver fixes its max_steps "
+                "at compile time, so set max_steps on the lineax solver). Drop "
+                "backward_budget, or use Implicit with a banax b_solver."
+            )
+        _check_probe(backward_probe, problem)
+        problem = dataclasses.replace(
+            problem, backward_budget=budget, backward_probe=backward_probe
         )
         return _solve_and_unflatten(self, problem)
 
     @abc.abstractmethod
     def solve(self, problem: Problem) -> FlatSolution:
         """Solve `problem` and attach this adjoint's gradient rule to `FlatSolution.z`."""
+
+
+def _check_probe(probe: Any, problem: Problem) -> None:
+    if probe is None:
+        return
+    if not isinstance(probe, BackwardStats):
+        raise TypeError(
+            "backward_probe must be None or a banax.BackwardStats from "
+            f"banax.BackwardStats.probe(...), got {type(probe).__name__} {probe!r}."
+        )
+    batch = problem.z0.shape[0]
+    want = (batch,) if problem.batched else ()
+    shapes = {jnp.shape(leaf) for leaf in jax.tree.leaves(probe)}
+    if shapes != {want}:
+        fix = f"batch_size={batch}" if problem.batched else "no batch_size"
+        raise ValueError(
+            f"backward_probe has fields of shape {sorted(shapes)[0]}, but this call "
+            f"reports per {'sample of its batch' if problem.batched else 'call'}, "
+            f"shape {want}: build it with banax.BackwardStats.probe({fix})."
+        )
 
 
 @eqx.filter_jit
@@ -70,21 +147,77 @@ class BackwardRuleAdjoint(Adjoint):
     The forward pass is `banax.solve(self.solver, problem)` under a custom VJP, so
     nothing of the iteration is stored and any `loop_kind` works. On the backward pass
     `backward(problem, forward, g)` receives the forward solve (gradients stopped) and
-    `ḡ = ∂L/∂z` and returns the cotangents of the parameters and of the initial state.
+    `ḡ = ∂L/∂z` and returns the cotangents of the parameters and of the initial state,
+    and optionally a report of its backward solve.
+
+    The report is what the call's `backward_probe` receives, and what `on_failure`
+    acts on when a sample's backward solve did not converge:
+
+    - `"warn"` (the default): a `banax.BackwardSolveWarning` from inside `jit` (a host
+        callback, only when a solve failed), and the gradient is used as it is;
+    - `"raise"`: an error from inside `jit` (`eqx.error_if`), as Optimistix's
+        `throw=True`; nothing is returned;
+    - `"ignore"`: nothing; read the probe yourself.
     """
+
+    on_failure: str = eqx.field(default="warn", kw_only=True)
+
+    def __check_init__(self) -> None:
+        check_choice(self, "on_failure", self.on_failure, ON_FAILURE)
 
     @abc.abstractmethod
     def backward(
         self, problem: Problem, forward: FlatSolution, g: FlatState
-    ) -> tuple[Any, FlatState | None]:
-        """Return `(θ̄, z̄₀)`.
+    ) -> tuple[Any, FlatState | None] | tuple[Any, FlatState | None, BackwardStats]:
+        """Return `(θ̄, z̄₀)` or `(θ̄, z̄₀, report)`.
 
         `θ̄` has the structure of `problem.parameters()[0]`; `z̄₀` is the flat cotangent
-        of the initial state, or `None` when the rule gives it no gradient.
+        of the initial state, or `None` when the rule gives it no gradient. `report` is
+        a `BackwardStats` of shape `(B,)` (one entry per row of the flat state), e.g.
+        `BackwardStats.from_flat(sol.result, sol.stats)` of a `banax.solve_flat`; leave
+        it out when nothing is solved backwards (it then reads 0 steps, CONVERGED). A
+        rule that iterates should cap its steps at `problem.backward_budget` (an
+        integer array or `None`) and set `takes_backward_budget`.
         """
 
     def solve(self, problem: Problem) -> FlatSolution:
         return _solve_with_rule(problem, self)
+
+
+def _enforce(
+    adjoint: BackwardRuleAdjoint, report: BackwardStats, outputs: Any
+) -> Any:
+    """Apply `adjoint.on_failure` to a backward solve's `report`."""
+    codes = report.result_codes()
+    failed = jnp.any(codes != Result.CONVERGED)
+    name = type(adjoint).__name__
+    if adjoint.on_failure == "raise":
+        if not jax.tree.leaves(outputs):
+            return outputs
+        return eqx.error_if(
+            outputs, failed,
+            f"{name}: the backward solve did not converge, so this gradient is not "
+            "trustworthy. Give the backward solver more steps (b_solver max_steps, or "
+            "a larger backward_budget), use a Krylov b_solver (lineax.GMRES), or check "
+            "that f is a contraction at the fixed point (the backward system has the "
+            "spectrum of its Jacobian). Pass on_failure='warn' or 'ignore' to continue "
+            "anyway, and a backward_probe to see the steps and residuals.",
+        )
+    if adjoint.on_failure == "warn":
+
+        def warn(codes: Any) -> None:
+            warnings.warn(
+                f"{name}: the backward solve did not converge ({result_summary(codes)}); "
+                "the gradient of this step is unreliable. Give the backward solver more "
+                "steps, use a Krylov b_solver (lineax.GMRES), or pass "
+                "on_failure='raise' to stop here; a backward_probe reports the steps and "
+                "residuals.",
+                BackwardSolveWarning,
+                stacklevel=1,
+            )
+
+        jax.lax.cond(failed, lambda: jax.debug.callback(warn, codes), lambda: None)
+    return outputs
 
 
 @eqx.filter_custom_vjp
@@ -105,7 +238,7 @@ def _solve_with_rule_bwd(forward, grad_obj, perturbed, problem, adjoint):
     g = grad_obj.z
     if g is None:
         return cotangent
-    p_bar, z0_bar = adjoint.backward(problem, jax.lax.stop_gradient(forward), g)
+    p_bar, z0_bar, *report = adjoint.backward(problem, jax.lax.stop_gradient(forward), g)
     is_none = lambda x: x is None  # noqa: E731
     # Only arrays that were perturbed get a cotangent.
     p_bar = jax.tree.map(
@@ -114,6 +247,23 @@ def _solve_with_rule_bwd(forward, grad_obj, perturbed, problem, adjoint):
     )
     if not perturbed.z0:
         z0_bar = None
+    stats = None
+    if report:
+        (stats,) = report
+        p_bar, z0_bar, stats = _enforce(adjoint, stats, (p_bar, z0_bar, stats))
+    probe = problem.backward_probe
+    if probe is not None and any(jax.tree.leaves(perturbed.backward_probe)):
+        if stats is None:
+            stats = BackwardStats.probe(problem.z0.shape[0])
+        if not problem.batched:
+            stats = jax.tree.map(lambda a: a[0], stats)
+        stats = jax.tree.map(
+            lambda wanted, value, like: value.astype(like.dtype) if wanted else None,
+            perturbed.backward_probe, stats, probe,
+        )
+        cotangent = eqx.tree_at(
+            lambda p: p.backward_probe, cotangent, stats, is_leaf=is_none
+        )
     cotangent = eqx.tree_at(lambda p: p.f.bound, cotangent, p_bar, is_leaf=is_none)
     return eqx.tree_at(lambda p: p.z0, cotangent, z0_bar, is_leaf=is_none)
 
@@ -135,21 +285,26 @@ class LinearSolveAdjoint(BackwardRuleAdjoint):
         vjp: Callable[[FlatState], FlatState],
         g: FlatState,
         forward: FlatSolution,
-    ) -> FlatState:
-        """Return `λ ≈ (I − Jᵀ)⁻¹ g`, where `vjp(v) = Jᵀ v` at the fixed point.
+        budget: Int[Array, ""] | None,
+    ) -> FlatState | tuple[FlatState, BackwardStats]:
+        """Return `λ ≈ (I − Jᵀ)⁻¹ g`, where `vjp(v) = Jᵀ v` at the fixed point, or
+        `(λ, report)` with a `BackwardStats` report of the solve (see `backward`).
 
         Arrays are flat `(B, N)`; rows are independent samples. `forward` is the
-        forward solve (its `state` holds e.g. inverse-Jacobian factors).
+        forward solve (its `state` holds e.g. inverse-Jacobian factors). `budget` is
+        the call's `backward_budget` (`None` unless `takes_backward_budget`): pass it
+        on as the `step_budget` of `banax.solve_flat`.
         """
 
     def backward(
         self, problem: Problem, forward: FlatSolution, g: FlatState
-    ) -> tuple[Any, None]:
+    ) -> tuple[Any, None] | tuple[Any, None, BackwardStats]:
         params, f_with = problem.parameters()
         # One linearisation at z* serves the backward solve and the parameter VJP: f is
         # evaluated at z* once, and XLA drops the unused parameter cotangent inside the
         # solve's loop.
         _, vjp = jax.vjp(lambda z, p: f_with(p)(z), forward.z, params)
-        lam = self.adjoint_solve(lambda v: vjp(v)[0], g, forward)
+        out = self.adjoint_solve(lambda v: vjp(v)[0], g, forward, problem.backward_budget)
+        lam, *report = out if isinstance(out, tuple) else (out,)
         _, p_bar = vjp(lam.astype(forward.z.dtype))
-        return p_bar, None
+        return (p_bar, None, *report)

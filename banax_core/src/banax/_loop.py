@@ -32,7 +32,7 @@ class FlatSolution(eqx.Module):
     z: FlatState
     fz: FlatState
     state: Any
-    result: Result
+    result: Int[Array, " batch"]
     stats: Stats
     trace: Any
 
@@ -142,24 +142,22 @@ def _freeze(active: Bool[Array, " batch"], new: Any, old: Any) -> Any:
     return jax.tree.map(pick, new, old)
 
 
-def _select(pred: Bool[Array, " batch"], a: Result, b: Result) -> Result:
-    """Per-sample `Result.where` (which only takes a scalar predicate)."""
-    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
-
-
-def check_step_budget(step_budget: Any) -> Int[Array, ""] | None:
-    """Validate a step budget: `None` or an integer JAX array of shape `()`."""
+def check_step_budget(
+    step_budget: Any, name: str = "step_budget"
+) -> Int[Array, ""] | None:
+    """Validate a step budget (`name` is the argument's name in the messages): `None`
+    or an integer JAX array of shape `()`."""
     if step_budget is None:
         return None
     if not isinstance(step_budget, (jax.Array, np.ndarray)):
         raise TypeError(
-            f"step_budget must be a JAX array or None, got {type(step_budget).__name__} "
+            f"{name} must be a JAX array or None, got {type(step_budget).__name__} "
             f"{step_budget!r}. Pass jnp.array({step_budget!r}) so that changing it does "
             "not recompile."
         )
     if step_budget.shape != () or not jnp.issubdtype(step_budget.dtype, jnp.integer):
         raise TypeError(
-            "step_budget must be a scalar integer array, got shape "
+            f"{name} must be a scalar integer array, got shape "
             f"{step_budget.shape} and dtype {step_budget.dtype}."
         )
     return jnp.asarray(step_budget)
@@ -246,9 +244,9 @@ def iterate(
     if solver.keep_best:
         z, fz, abs_err, rel_err = final.best
     converged = solver.meets_tolerance(abs_err, rel_err) & ~final.diverged
-    result = _select(
-        final.diverged, Result.DIVERGED, _select(converged, Result.CONVERGED, Result.MAX_STEPS)
-    )
+    result = jnp.select(
+        [final.diverged, converged], [Result.DIVERGED, Result.CONVERGED], Result.MAX_STEPS
+    ).astype(jnp.int32)
     return FlatSolution(
         z=z,
         fz=fz,
