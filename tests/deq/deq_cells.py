@@ -19,7 +19,8 @@ class TanhCell(eqx.Module):
     b: Float[Array, " n"]
 
     def __call__(self, z: Array, x: Array) -> Array:
-        return jnp.tanh(z @ self.W.T + x @ self.U.T + self.b)
+        pre = z @ self.W.T + x @ self.U.T
+        return jnp.tanh(pre + jnp.broadcast_to(self.b, pre.shape))
 
 
 def tanh_cell(key: jax.Array, n: int, d: int, *, radius: float = 0.8,

@@ -27,7 +27,7 @@ def x() -> jax.Array:
 
 def _loss(z: jax.Array) -> jax.Array:
     # Not symmetric in z, so that a wrong sign or transpose in a gradient shows.
-    return jnp.sum(jnp.sin(z) * jnp.arange(1, z.size + 1).reshape(z.shape))
+    return jnp.sum(jnp.sin(z) * jnp.arange(1, z.size + 1, dtype=z.dtype).reshape(z.shape))
 
 
 def _dense_truth(cell: TanhCell, x: jax.Array, z_star: jax.Array):

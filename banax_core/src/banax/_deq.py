@@ -1,14 +1,16 @@
 """`DEQ`: a deep equilibrium layer as an Equinox module."""
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, overload
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int, PyTree
+from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
 from ._adjoint import Adjoint
+from ._fspec import FSpec, bind
 from ._problem import _describe, _same_structure
 from ._registry import get_adjoint
 from ._solution import Solution
@@ -83,6 +85,8 @@ class DEQ(eqx.Module):
     - `cell`: a callable `cell(z, x) -> z'`, usually an `eqx.Module` (its arrays are
         the trainable parameters). It must return a state with the structure, shape
         and dtype of `z`, and should be a contraction in `z` for the solve to converge.
+        A cell with random layers (`eqx.nn.Dropout`) takes a keyword `key` and is
+        called as `cell(z, x, key=key)` when the layer is given `key=`.
     - `solver`: a `Solver` instance, a registry name (`"anderson"`) or
         `{"name": "anderson", **options}`. Leave it `None` when `adjoint` is an
         instance (which already holds its solver).
@@ -153,13 +157,16 @@ class DEQ(eqx.Module):
         """The forward solver (held by the adjoint)."""
         return self.adjoint.solver
 
-    def f_spec(self, x: PyTree) -> tuple[Callable[..., Any], tuple[Any]]:
-        """The `FSpec` `(cell, (x,))` of the fixed-point map `z ↦ cell(z, x)`.
+    def f_spec(self, x: PyTree, key: PRNGKeyArray | None = None) -> FSpec:
+        """The `FSpec` of the fixed-point map `z ↦ cell(z, x)` (`cell(z, x, key=key)`
+        when a key is given): `(cell, (x,))` or `(cell, (x,), {"key": key})`.
 
         Pass it to a regularizer to penalise the cell's Jacobian at the fixed point,
         e.g. `banax.regularization.jacobian_spectral_norm(deq.f_spec(x), z, key=key)`.
         """
-        return self.cell, (x,)
+        if key is None:
+            return self.cell, (x,)
+        return self.cell, (x,), {"key": key}
 
     def initial_state(self, x: PyTree) -> PyTree:
         """The state the solve starts from, by the `init` rule."""
@@ -179,7 +186,7 @@ class DEQ(eqx.Module):
 
     @overload
     def __call__(
-        self, x: PyTree, *, z0: PyTree | None = None,
+        self, x: PyTree, *, key: PRNGKeyArray | None = None, z0: PyTree | None = None,
         step_budget: Int[Array, ""] | None = None,
         trace: tuple[Callable[..., Any], Any] | None = None,
         return_solution: Literal[False] = False,
@@ -187,7 +194,7 @@ class DEQ(eqx.Module):
 
     @overload
     def __call__(
-        self, x: PyTree, *, z0: PyTree | None = None,
+        self, x: PyTree, *, key: PRNGKeyArray | None = None, z0: PyTree | None = None,
         step_budget: Int[Array, ""] | None = None,
         trace: tuple[Callable[..., Any], Any] | None = None,
         return_solution: Literal[True],
@@ -197,6 +204,7 @@ class DEQ(eqx.Module):
         self,
         x: PyTree,
         *,
+        key: PRNGKeyArray | None = None,
         z0: PyTree | None = None,
         step_budget: Int[Array, ""] | None = None,
         trace: tuple[Callable[..., Any], Any] | None = None,
@@ -208,6 +216,11 @@ class DEQ(eqx.Module):
 
         - `x`: the input (a pytree of arrays), with the batch on the solver's
             `batch_axis` in batch mode.
+        - `key`: a PRNG key for a cell that takes one (`cell(z, x, key=key)`), e.g.
+            to drive an `eqx.nn.Dropout`. The same key is passed to every evaluation of
+            the cell in this solve (and its backward pass), so dropout draws one mask
+            per call: variational dropout, and `z*` is the fixed point of the cell
+            under that mask. `eqx.nn.inference_mode(deq)` turns the dropout off.
         - `z0`: a starting state overriding the `init` rule (e.g. the previous fixed
             point, to warm-start).
         - `step_budget`, `trace`: passed to the adjoint call (see `banax.Adjoint`).
@@ -217,10 +230,13 @@ class DEQ(eqx.Module):
         **Returns:** `z*`, or `(z*, solution)` when `return_solution=True`.
         """
         x = jax.tree.map(lambda a: a if eqx.is_array(a) else jnp.asarray(a), x)
+        _check_key(self.cell, key)
         if z0 is None:
             z0 = self.initial_state(x)
-        _check_cell(self.cell, z0, x)
-        solution = self.adjoint(self.f_spec(x), z0, trace=trace, step_budget=step_budget)
+        _check_cell(self.f_spec(x, key), z0, x)
+        solution = self.adjoint(
+            self.f_spec(x, key), z0, trace=trace, step_budget=step_budget
+        )
         return (solution.value, solution) if return_solution else solution.value
 
 
@@ -242,17 +258,61 @@ def _state_dtype(cell: Any, x: PyTree) -> Any:
     return jnp.result_type(*dtypes) if dtypes else jnp.result_type(float)
 
 
-def _check_cell(cell: Any, z0: PyTree, x: PyTree) -> None:
+def _key_parameter(cell: Any) -> inspect.Parameter | None | bool:
+    """The cell's `key` parameter; `True` when it takes `**kwargs`; `None` when it
+    takes no key; `False` when its signature cannot be read."""
+    try:
+        parameters = inspect.signature(cell).parameters
+    except (TypeError, ValueError):
+        return False
+    key = parameters.get("key")
+    if key is not None and key.kind in (key.POSITIONAL_OR_KEYWORD, key.KEYWORD_ONLY):
+        return key
+    return True if any(p.kind == p.VAR_KEYWORD for p in parameters.values()) else None
+
+
+def _check_key(cell: Any, key: Any) -> None:
+    parameter = _key_parameter(cell)
+    if key is None:
+        if isinstance(parameter, inspect.Parameter) and parameter.default is parameter.empty:
+            raise TypeError(
+                f"DEQ: the cell {type(cell).__name__} requires a key (its `key` parameter "
+                "has no default); call deq(x, key=key)."
+            )
+        return
+    if parameter is None:
+        raise TypeError(
+            f"DEQ: key= was given but the cell {type(cell).__name__} takes no key "
+            "(it is called as cell(z, x)). Drop key=, or give the cell a keyword "
+            "`key=None` and pass it to its random layers, e.g. "
+            "`def __call__(self, z, x, *, key=None)` with eqx.nn.Dropout."
+        )
+    if not (isinstance(key, jax.Array) and (
+        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == jnp.uint32 and key.shape == (2,))
+    )):
+        raise TypeError(
+            f"DEQ: key must be a JAX PRNG key such as jax.random.key(0), got {key!r}."
+        )
+
+
+def _check_cell(f_spec: FSpec, z0: PyTree, x: PyTree) -> None:
     """Evaluate the cell abstractly so that a bad input fails here, in one line,
     rather than deep inside the solver's loop."""
+    cell = bind(f_spec)
     try:
-        out = eqx.filter_eval_shape(cell, z0, x)
-    except (TypeError, ValueError) as error:
+        out = eqx.filter_eval_shape(cell, z0)
+    except (TypeError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        hint = (
+            " The cell needs a key: call deq(x, key=key), or turn its dropout off with "
+            "eqx.nn.inference_mode(deq)."
+            if "key" in reason and "key" not in cell.kwargs
+            else " Check the input's shape against the cell's (and state_shape)."
+        )
         raise ValueError(
             f"DEQ: the cell failed on x {_describe(_shapes(x))} with state "
-            f"{_describe(_shapes(z0))}: {type(error).__name__}: {reason} Check the "
-            "input's shape against the cell's (and state_shape)."
+            f"{_describe(_shapes(z0))}: {type(error).__name__}: {reason}{hint}"
         ) from None
     if not _same_structure(out, jax.eval_shape(lambda z: z, z0)):
         raise ValueError(
