@@ -14,7 +14,7 @@ from banax import InvertibleStep, Solver, TracedFunction
 
 from ._common import Flat, check_bool, check_damp, damped
 
-#: Largest denominator of `damp`: both remainders of a step fit in 16 bits.
+#: Largest denominator of `damp`.
 MAX_DENOMINATOR = 256
 
 Ints = Int[Array, "batch features"]
@@ -51,7 +51,7 @@ def _grid(dtype: Any) -> tuple[Any, Any, int]:
     if jnp.dtype(dtype) == jnp.float64:
         return jnp.float64, jnp.int64, 50
     if jax.dtypes.canonicalize_dtype(jnp.int64) == jnp.int64:
-        return jnp.float32, jnp.int64, 30
+        return jnp.float32, jnp.int64, 24
     return jnp.float32, jnp.int32, 23
 
 
@@ -136,6 +136,24 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         beta = Fraction(float(self.damp)).limit_denominator(MAX_DENOMINATOR)
         return beta.denominator - beta.numerator, beta.denominator
 
+    @property
+    def _check_bits(self) -> int:
+        """Low bits of each rounded `β f` recorded per element and step: what the two
+        digits leave of 32 bits, split between the sequences (13 for d = 5).
+
+        The backward pass may evaluate `f` a few ulps differently from the forward
+        (XLA compiles the two loops separately, e.g. with other dot kernels), and on
+        the grid an ulp of `f` is `2^g` units once iterates grow `2^g` times beyond
+        their initial size. With these bits the inverse corrects its rounded `β f` by
+        up to `±2^(bits − 1)` units, so the rewind stays exact."""
+        return (32 - 2 * (self._ratio[1] - 1).bit_length()) // 2
+
+    @property
+    def _code_size(self) -> int:
+        """What one sequence's step records, `(digit, low bits of round(β f))`, is a
+        number below this."""
+        return self._ratio[1] * 2**self._check_bits
+
     def recording(self) -> "Reversible":
         return eqx.tree_at(lambda s: s.record, self, True)
 
@@ -160,8 +178,7 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         z_int, _ = _quantize(z0.astype(work), scale, int_dtype)
         remainders, k, start = None, None, None
         if self.record:
-            digits = jnp.uint8 if self._ratio[1] ** 2 <= 256 else jnp.uint16
-            remainders = jnp.zeros((z0.shape[0], self.max_steps, z0.shape[1]), digits)
+            remainders = jnp.zeros((z0.shape[0], self.max_steps, z0.shape[1]), jnp.uint32)
             k, start = jnp.asarray(0), z0
         return ReversibleState(y=z0, y_int=z_int, z_int=z_int, scale=scale,
                                remainders=remainders, z0=start, k=k)
@@ -169,9 +186,10 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
     def _relax(
         self, a_int: Ints, a: Flat, fb: Flat, scale: Float[Array, "batch 1"]
     ) -> tuple[Ints, Flat, Ints]:
-        """`a' = (1 − β) a + β f(b)` on the grid: `(a'_int, a', digit)`.
+        """`a' = (1 − β) a + β f(b)` on the grid: `(a'_int, a', code)`.
 
-        `a'` has the grid value, and the derivatives of the float step."""
+        `a'` has the grid value, and the derivatives of the float step; `code` is what
+        `_unrelax` needs to undo the step."""
         n, d = self._ratio
         int_dtype, limit = a_int.dtype, _limit(a_int.dtype)
         q, ok = _quantize(self.damp * fb.astype(scale.dtype), scale, int_dtype)
@@ -185,13 +203,19 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         new = jnp.where(ok, new, limit + 1)
         value = jnp.where(ok, self._to_float(new, scale, a.dtype), jnp.nan)
         ideal = damped(a, fb, self.damp)
-        return new, value + (ideal - jax.lax.stop_gradient(ideal)), t % d
+        code = (t % d) * 2**self._check_bits + q % 2**self._check_bits
+        return new, value + (ideal - jax.lax.stop_gradient(ideal)), code
 
     def _unrelax(self, new: Ints, fb: Flat, scale: Float[Array, "batch 1"],
-                 digit: Ints) -> Ints:
-        """The `a_int` that `_relax(a_int, ·, fb, scale)` maps to `new` with `digit`."""
+                 code: Ints) -> Ints:
+        """The `a_int` that `_relax(a_int, ·, fb, scale)` maps to `new` with `code`."""
         n, d = self._ratio
+        bits = self._check_bits
+        digit, low = code // 2**bits, code % 2**bits
         q, _ = _quantize(self.damp * fb.astype(scale.dtype), scale, new.dtype)
+        # The forward's q is the one nearest to this q with its low bits.
+        half = 2 ** (bits - 1)
+        q = q + (low - q + half) % 2**bits - half
         # a n = R d + digit − ⌊d/2⌋ with R = new − q = c n + e, so that
         # a = c d + (e d + digit − ⌊d/2⌋) / n, exactly and without overflow.
         rounded = new - q
@@ -205,16 +229,15 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         self, f: TracedFunction, z: Flat, fz: Flat, state: ReversibleState, trace: Any
     ) -> tuple[Flat, Flat, ReversibleState, Any]:
         scale = state.scale
-        y_int, y_next, y_digit = self._relax(state.y_int, state.y, fz, scale)
+        y_int, y_next, y_code = self._relax(state.y_int, state.y, fz, scale)
         fy_next, trace = f(y_next, trace)
-        z_int, z_next, z_digit = self._relax(state.z_int, z, fy_next, scale)
+        z_int, z_next, z_code = self._relax(state.z_int, z, fy_next, scale)
         fz_next, trace = f(z_next, trace)
         remainders, k = state.remainders, state.k
         if self.record:
-            _, d = self._ratio
-            digits = (y_digit * d + z_digit).astype(remainders.dtype)
+            codes = (y_code * self._code_size + z_code).astype(remainders.dtype)
             remainders = jax.lax.dynamic_update_slice_in_dim(
-                remainders, digits[:, None, :], k, axis=1)
+                remainders, codes[:, None, :], k, axis=1)
             k = k + 1
         state = ReversibleState(
             y=y_next, y_int=y_int, z_int=z_int, scale=scale, remainders=remainders,
@@ -239,15 +262,14 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
                 "Reversible: inverse_map needs the digits recorded by the forward solve; "
                 "run it with solver.recording() (Reversible(record=True))."
             )
-        _, d = self._ratio
-        scale, k = state.scale, state.k - 1
-        digits = jax.lax.dynamic_index_in_dim(state.remainders, k, axis=1,
-                                              keepdims=False).astype(state.z_int.dtype)
+        scale, k, size = state.scale, state.k - 1, self._code_size
+        codes = jax.lax.dynamic_index_in_dim(state.remainders, k, axis=1,
+                                             keepdims=False).astype(state.z_int.dtype)
         first = k == 0
         # z_{k+1} came from f(y_{k+1}), y_{k+1} from f(z_k); z_0 need not be on the grid.
-        z_int = self._unrelax(state.z_int, f(state.y), scale, digits % d)
+        z_int = self._unrelax(state.z_int, f(state.y), scale, codes % size)
         z_prev = jnp.where(first, state.z0, self._to_float(z_int, scale, z.dtype))
-        y_int = self._unrelax(state.y_int, f(z_prev), scale, digits // d)
+        y_int = self._unrelax(state.y_int, f(z_prev), scale, codes // size)
         y_prev = jnp.where(first, state.z0, self._to_float(y_int, scale, z.dtype))
         state = ReversibleState(
             y=y_prev, y_int=y_int, z_int=z_int, scale=scale,
