@@ -1,14 +1,12 @@
-"""`pip install ./banax_core ./banax_solvers` must give a working core and solvers
-without the adjoints: the members install on their own."""
+"""`pip install ./banax_core ./banax_solvers` (README's selective install) must give a
+working core and solvers without the adjoints: the members install on their own."""
 
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from core.installs import SELECTIVE_LINE, fresh_venv, pip_install, requirements
 
 CORE_ONLY = """
 import banax
@@ -45,18 +43,13 @@ else:
 
 @pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv to build a fresh venv")
 def test_core_alone_then_core_plus_solvers_install_and_work(tmp_path):
-    venv = tmp_path / "venv"
-    subprocess.run(["uv", "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
-    python = venv / "bin" / "python"
+    python = fresh_venv(tmp_path / "venv")
 
     def install(*members: str) -> None:
-        subprocess.run(
-            ["uv", "pip", "install", "--quiet", "--python", str(python),
-             *(str(ROOT / m) for m in members)],
-            check=True,
-        )
+        run = pip_install(python, *members)
+        assert run.returncode == 0, f"pip install {' '.join(members)} failed:\n{run.stderr}"
 
-    install("banax_core")
+    install("./banax_core")
     subprocess.run([str(python), "-c", CORE_ONLY], check=True)
-    install("banax_solvers")
+    install(*requirements(SELECTIVE_LINE))
     subprocess.run([str(python), "-c", CORE_AND_SOLVERS], check=True)

@@ -1,0 +1,58 @@
+"""One process of the multi-process training program of docs/multi_device.md.
+
+The program is not copied here: it is read from the page (the block that defines
+`make_model` and the block that defines `train_on_hosts`), so the test runs exactly
+what readers are told to run. `python multiprocess_worker.py ADDRESS N ID OUT` runs
+one training step as process `ID` of `N` and writes the loss, the gradients and the
+updated model's arrays to `OUT/process{ID}.npz`. Run by `test_multiprocess.py` with
+`XLA_FLAGS=--xla_force_host_platform_device_count=4` and `PYTHONPATH=tests`.
+"""
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from docs.run_page import python_blocks
+
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "multi_device.md"
+SEED, STEPS = 0, 1
+
+
+def page_program() -> dict[str, Any]:
+    """The namespace of the page's model definitions and multi-process program."""
+    blocks = python_blocks(PAGE.read_text(encoding="utf-8"))
+    wanted = [next(code for _, code in blocks if f"def {name}(" in code)
+              for name in ("make_model", "train_on_hosts")]
+    namespace: dict[str, Any] = {"__name__": "multi_device_page"}
+    for code in wanted:
+        exec(compile(code, str(PAGE), "exec"), namespace)
+    return namespace
+
+
+def arrays(model: Any, loss: Any, grads: Any) -> dict[str, np.ndarray]:
+    """The arrays the test compares, as numpy, under stable names."""
+    import equinox as eqx
+
+    leaves = {"loss": np.asarray(loss)}
+    for label, tree in (("grads", grads), ("model", model)):
+        for i, leaf in enumerate(jax.tree.leaves(eqx.filter(tree, eqx.is_array))):
+            leaves[f"{label}{i}"] = np.asarray(leaf)
+    return leaves
+
+
+def main(address: str, num_processes: int, process_id: int, out: Path) -> None:
+    jax.config.update("jax_enable_x64", True)  # compare to float64 rounding
+    program = page_program()
+    model, loss, grads = program["train_on_hosts"](
+        address, num_processes, process_id, program["global_batches"](SEED, STEPS)
+    )
+    assert jax.process_count() == num_processes and jax.device_count() == 8
+    np.savez(out / f"process{process_id}.npz", **arrays(model, loss, grads))
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))

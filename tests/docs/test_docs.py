@@ -1,0 +1,93 @@
+"""Docs are code: every ```python block of README.md and docs/*.md runs as written.
+
+Each page runs in its own fresh interpreter (`run_page.py`), its blocks in order in one
+namespace, the way a reader pastes them into a session: default JAX configuration
+(float32, none of the suite's strict promotion modes), on the CPU, in an empty working
+directory. Pages run concurrently, one per core; each page is its own test case.
+"""
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from docs.run_page import python_blocks
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNNER = Path(__file__).with_name("run_page.py")
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# A page is an example, not a benchmark: one that needs minutes has outgrown the docs.
+PAGE_TIMEOUT_S = 240
+
+
+def reader_env() -> dict[str, str]:
+    """The environment of a user: the suite's JAX settings removed."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_", "XLA_", "BANAX_"))}
+    env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg", PYTHONPATH="")
+    return env
+
+
+def run_page(page: Path, cwd: Path) -> subprocess.CompletedProcess | str:
+    try:
+        return subprocess.run(
+            [sys.executable, str(RUNNER), str(page)], cwd=cwd, env=reader_env(),
+            capture_output=True, text=True, timeout=PAGE_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return f"{page.relative_to(ROOT)} did not finish within {PAGE_TIMEOUT_S} s"
+
+
+@pytest.fixture(scope="module")
+def page_runs(request, tmp_path_factory):
+    """Start every selected page at once (one worker per core); tests wait on theirs."""
+    selected = [item.callspec.params["page"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_page_runs"]
+    with ThreadPoolExecutor(max(1, min(len(selected), os.cpu_count() or 1))) as pool:
+        yield {page: pool.submit(run_page, page, tmp_path_factory.mktemp(page.stem))
+               for page in selected}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_page_runs(page, page_runs):
+    run = page_runs[page].result()
+    if isinstance(run, str):
+        pytest.fail(run, pytrace=False)
+    if run.returncode != 0:
+        pytest.fail(run.stderr[-6000:], pytrace=False)
+
+
+def test_blocks_are_found_with_their_lines_and_indentation():
+    text = "\n".join([
+        "# Title",                  # 1
+        "```python",                # 2
+        "a = 1",                    # 3
+        "```",                      # 4
+        "```bash",                  # 5
+        "pip install x",            # 6
+        "```",                      # 7
+        "- a list item:",           # 8
+        "",                         # 9
+        "  ```python",              # 10
+        "  if a:",                  # 11
+        "      b = 2",              # 12
+        "  ```",                    # 13
+        "```text",                  # 14
+        "```python is not here",    # 15
+        "```",                      # 16
+    ])
+    assert python_blocks(text) == [(3, "a = 1"), (11, "if a:\n    b = 2")]
+
+
+def test_a_failing_block_names_the_page_and_its_line(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("Intro.\n\n```python\nx = 1\n```\n\nThen:\n\n```python\ny = x\nz = w\n```\n")
+    run = subprocess.run([sys.executable, str(RUNNER), str(page)], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 1
+    assert f"{page}: the block at line 10 failed" in run.stderr
+    assert f'File "{page}", line 11' in run.stderr  # the page's own line of `z = w`
+    assert "NameError: name 'w' is not defined" in run.stderr
