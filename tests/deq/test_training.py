@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 
 import banax
 from banax import DEQ
@@ -61,3 +62,52 @@ def test_training_lowers_the_loss_and_the_regularizer_acts():
     assert reg_losses[-1] < 0.5 * reg_losses[0]
     # The penalty's gradient reaches the cell: its Jacobian ends up smaller.
     assert _dense_jacobian_frobenius(regularized, x) < 0.8 * _dense_jacobian_frobenius(plain, x)
+
+
+def test_the_default_layer_trains():
+    """`DEQ(cell, solver="anderson", state_shape=...)`, default adjoint "implicit" (whose
+    backward solver defaults to the forward one), trains a model with optax."""
+    kc, kh, kx = jax.random.split(jax.random.key(3), 3)
+    model = Regressor(DEQ(tanh_cell(kc, N, D, radius=0.8), solver="anderson",
+                          state_shape=(N,)), 0.1 * jax.random.normal(kh, (N,)))
+    x = jax.random.normal(kx, (BATCH, D))
+    y = jnp.sin(2 * x[:, 0]) * x[:, 1]
+    optimizer = optax.adam(2e-2)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+    def loss(model):
+        return jnp.mean((jax.vmap(model)(x)[0] - y) ** 2)
+
+    @eqx.filter_jit
+    def step(model, opt_state):
+        value, grads = eqx.filter_value_and_grad(loss)(model)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 counts in
+            updates, opt_state = optimizer.update(grads, opt_state)
+        return eqx.apply_updates(model, updates), opt_state, value
+
+    first = loss(model)
+    for _ in range(STEPS):
+        model, opt_state, _ = step(model, opt_state)
+    assert loss(model) < 0.5 * first
+
+
+def test_backward_probe_and_budget_reach_the_adjoint():
+    deq = DEQ(tanh_cell(jax.random.key(4), N, D, radius=0.9),
+              {"name": "anderson", "batch_axis": 0, "rtol": 1e-8},
+              {"name": "implicit", "b_solver": {"name": "picard", "rtol": 1e-8,
+                                                "max_steps": 300}},
+              state_shape=(N,))
+    x = jax.random.normal(jax.random.key(5), (BATCH, D))
+
+    def backward_stats(budget):
+        def loss(probe):
+            return jnp.sum(deq(x, backward_probe=probe, backward_budget=budget))
+        return jax.grad(loss)(banax.BackwardStats.probe(batch_size=BATCH))
+
+    full = backward_stats(None)
+    with pytest.warns(banax.BackwardSolveWarning, match=f"MAX_STEPS: {BATCH}"):
+        capped = backward_stats(jnp.asarray(3))
+    assert bool(jnp.all(full.result_codes() == banax.Result.CONVERGED))
+    assert bool(jnp.all(full.steps > 3))
+    assert bool(jnp.all(capped.steps == 3))
+    assert bool(jnp.all(capped.result_codes() == banax.Result.MAX_STEPS))

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
 from ._adjoint import Adjoint
+from ._batch_checks import batch_size, check_batch_follows, mixes_samples, shapes_of
 from ._fspec import FSpec, bind
 from ._problem import _describe, _same_structure
 from ._registry import get_adjoint
-from ._solution import Solution
+from ._solution import BackwardStats, Solution
 from ._solver import Solver
 
 ComponentSpec = str | Mapping[str, Any]
@@ -98,6 +99,10 @@ class DEQ(eqx.Module):
         builds `z0` from the input. Gradients do not flow through `z0`.
     - `state_shape`: the shape of one sample's state, without the batch axis; needed
         by `init="zeros"`.
+    - `check_independence`: in batch mode, check at every call that the cell keeps
+        samples apart (one JVP at `z0` with a tangent on sample 0 only, about two
+        extra cell evaluations per call; a cell that mixes samples raises at run
+        time). A debugging aid: leave it off in training.
 
     **Batch mode.** When the solver has `batch_axis=b` (e.g.
     `solver={"name": "anderson", "batch_axis": 0}`), `x` must carry the batch on axis
@@ -105,6 +110,14 @@ class DEQ(eqx.Module):
     has its own residual, stopping and statistics while the cell is called once on the
     whole batch. Without a batch axis the state is exactly `state_shape`; map the layer
     with `jax.vmap` for per-sample solves with per-example cost.
+
+    Batch mode is sound only if axis `b` of `x` indexes samples and the cell treats
+    them independently. The first is checked at trace time, for free: the cell is
+    traced once more with one more sample, which an `x` without its batch axis (its
+    feature axis taken as the batch) fails. The second cannot be seen from shapes: a
+    cell that mixes samples (a batch norm, a mean over the batch) makes per-sample
+    residuals and stopping wrong, silently; `check_independence=True` detects it.
+    An empty batch is an error.
 
     A DEQ is a poor choice when the cell is far from contractive: the solve then needs
     many steps or fails (check `Solution.result`), and a few unrolled layers train
@@ -117,6 +130,7 @@ class DEQ(eqx.Module):
     adjoint: Adjoint = eqx.field(static=True)
     init: str | Callable[[Any], Any]
     state_shape: tuple[int, ...] | None = eqx.field(static=True)
+    check_independence: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -126,6 +140,7 @@ class DEQ(eqx.Module):
         *,
         init: str | Callable[[Any], Any] = "zeros",
         state_shape: int | tuple[int, ...] | None = None,
+        check_independence: bool = False,
     ):
         if not callable(cell):
             raise TypeError(
@@ -151,6 +166,11 @@ class DEQ(eqx.Module):
         self.adjoint = _resolve_adjoint(solver, adjoint)
         self.init = init
         self.state_shape = None if state_shape is None else _shape_tuple(state_shape)
+        if not isinstance(check_independence, bool):
+            raise TypeError(
+                f"DEQ: check_independence must be True or False, got {check_independence!r}."
+            )
+        self.check_independence = check_independence
 
     @property
     def solver(self) -> Solver:
@@ -181,7 +201,7 @@ class DEQ(eqx.Module):
                     f"DEQ: the solver's batch_axis={axis} is out of range for a state "
                     f"of per-sample shape {shape}."
                 )
-            shape = shape[:axis] + (_batch_size(x, axis),) + shape[axis:]
+            shape = shape[:axis] + (batch_size(x, axis),) + shape[axis:]
         return jnp.zeros(shape, _state_dtype(self.cell, x))
 
     @overload
@@ -189,6 +209,8 @@ class DEQ(eqx.Module):
         self, x: PyTree, *, key: PRNGKeyArray | None = None, z0: PyTree | None = None,
         step_budget: Int[Array, ""] | None = None,
         trace: tuple[Callable[..., Any], Any] | None = None,
+        backward_probe: BackwardStats | None = None,
+        backward_budget: Int[Array, ""] | None = None,
         return_solution: Literal[False] = False,
     ) -> PyTree: ...
 
@@ -197,6 +219,8 @@ class DEQ(eqx.Module):
         self, x: PyTree, *, key: PRNGKeyArray | None = None, z0: PyTree | None = None,
         step_budget: Int[Array, ""] | None = None,
         trace: tuple[Callable[..., Any], Any] | None = None,
+        backward_probe: BackwardStats | None = None,
+        backward_budget: Int[Array, ""] | None = None,
         return_solution: Literal[True],
     ) -> tuple[PyTree, Solution]: ...
 
@@ -208,6 +232,8 @@ class DEQ(eqx.Module):
         z0: PyTree | None = None,
         step_budget: Int[Array, ""] | None = None,
         trace: tuple[Callable[..., Any], Any] | None = None,
+        backward_probe: BackwardStats | None = None,
+        backward_budget: Int[Array, ""] | None = None,
         return_solution: bool = False,
     ) -> PyTree | tuple[PyTree, Solution]:
         """Solve `z* = cell(z*, x)`.
@@ -223,7 +249,9 @@ class DEQ(eqx.Module):
             under that mask. `eqx.nn.inference_mode(deq)` turns the dropout off.
         - `z0`: a starting state overriding the `init` rule (e.g. the previous fixed
             point, to warm-start).
-        - `step_budget`, `trace`: passed to the adjoint call (see `banax.Adjoint`).
+        - `step_budget`, `trace`, `backward_probe`, `backward_budget`: passed to the
+            adjoint call (see `banax.Adjoint`); a probe reports the backward solve's
+            steps, residuals and result as its gradient.
         - `return_solution`: also return the `Solution`, whose `stats` hold the steps
             and residuals (per sample in batch mode) and `result` the outcome.
 
@@ -234,28 +262,32 @@ class DEQ(eqx.Module):
         if z0 is None:
             z0 = self.initial_state(x)
         _check_cell(self.f_spec(x, key), z0, x)
+        axis = self.solver.batch_axis
+        if axis is not None:
+            check_batch_follows(lambda x: bind(self.f_spec(x, key)), z0, x, axis)
+            if self.check_independence:
+                mixed = mixes_samples(bind(self.f_spec(x, key)), z0, axis,
+                                      jax.random.key(0))
+                z0 = eqx.error_if(z0, mixed, _MIXING)
         solution = self.adjoint(
-            self.f_spec(x, key), z0, trace=trace, step_budget=step_budget
+            self.f_spec(x, key), z0, trace=trace, step_budget=step_budget,
+            backward_probe=backward_probe, backward_budget=backward_budget,
         )
         return (solution.value, solution) if return_solution else solution.value
-
-
-def _batch_size(x: PyTree, axis: int) -> int:
-    shapes = [a.shape for a in jax.tree.leaves(x)]
-    sizes = {s[axis] for s in shapes if len(s) > axis}
-    if not shapes or len(sizes) != 1 or any(len(s) <= axis for s in shapes):
-        raise ValueError(
-            f"DEQ: in batch mode (the solver's batch_axis={axis}) every array of x must "
-            f"carry the batch on axis {axis} with one common size; got x of shapes "
-            f"{shapes}."
-        )
-    return sizes.pop()
 
 
 def _state_dtype(cell: Any, x: PyTree) -> Any:
     """The dtype the cell computes in: that of its and the input's float arrays."""
     dtypes = [a.dtype for a in jax.tree.leaves((cell, x)) if eqx.is_inexact_array(a)]
     return jnp.result_type(*dtypes) if dtypes else jnp.result_type(float)
+
+
+_MIXING = (
+    "DEQ: the cell mixes samples: perturbing sample 0 of the state changed other "
+    "samples of cell(z, x), so batch mode's per-sample residuals and stopping are "
+    "wrong. Remove the coupling (e.g. a batch norm over the batch axis: use a layer "
+    "norm), or drop batch_axis and solve the whole batch as one state."
+)
 
 
 def _key_parameter(cell: Any) -> inspect.Parameter | None | bool:
@@ -311,16 +343,14 @@ def _check_cell(f_spec: FSpec, z0: PyTree, x: PyTree) -> None:
             else " Check the input's shape against the cell's (and state_shape)."
         )
         raise ValueError(
-            f"DEQ: the cell failed on x {_describe(_shapes(x))} with state "
-            f"{_describe(_shapes(z0))}: {type(error).__name__}: {reason}{hint}"
+            f"DEQ: the cell failed on x {_describe(shapes_of(x))} with state "
+            f"{_describe(shapes_of(z0))}: {type(error).__name__}: {reason}{hint}"
         ) from None
     if not _same_structure(out, jax.eval_shape(lambda z: z, z0)):
         raise ValueError(
             f"DEQ: the cell must return a state like the one it is given; the state is "
-            f"{_describe(_shapes(z0))} but cell(z, x) returned {_describe(_shapes(out))}. "
+            f"{_describe(shapes_of(z0))} but cell(z, x) returned "
+            f"{_describe(shapes_of(out))}. "
             "Make state_shape (or the init rule) match the cell's output."
         )
 
-
-def _shapes(tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)

@@ -1,0 +1,72 @@
+"""Batch mode's preconditions: x carries the batch axis, the batch is not empty, and
+(on request) the cell keeps samples apart."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+from banax import DEQ
+from deq.deq_cells import TanhCell, tanh_cell
+from helpers import tree_allclose
+
+N, D, BATCH = 6, 3, 4
+SOLVER = {"name": "anderson", "batch_axis": 0, "rtol": 1e-10, "max_steps": 100}
+
+
+class Loose(TanhCell):
+    """A TanhCell written with NumPy-style implicit broadcasting, as most users write
+    cells: an x without its batch axis then runs instead of failing on shapes."""
+
+    def __call__(self, z, x):
+        with jax.numpy_rank_promotion("allow"):
+            return jnp.tanh(z @ self.W.T + x @ self.U.T + self.b)
+
+
+class MeanCentred(TanhCell):
+    """Subtracts the batch mean: sample b's output depends on every other sample."""
+
+    def __call__(self, z, x):
+        out = super().__call__(z, x)
+        return out - jnp.broadcast_to(jnp.mean(out, axis=0, keepdims=True), out.shape)
+
+
+@pytest.fixture(scope="module")
+def cell() -> TanhCell:
+    return tanh_cell(jax.random.key(0), N, D)
+
+
+def test_input_without_batch_axis(cell):
+    loose = Loose(cell.W, cell.U, cell.b)
+    deq = DEQ(loose, SOLVER, "jfb", state_shape=(N,))
+    x = jax.random.normal(jax.random.key(1), (BATCH, D))
+    assert tree_allclose(deq(x), DEQ(cell, SOLVER, "jfb", state_shape=(N,))(x))
+    # One sample given without its batch axis: its D = 3 features would be 3 samples.
+    with pytest.raises(ValueError, match=r"axis 0 of x must index samples, but the cell "
+                       r"stops working when that axis grows from 3 to 4.*lacks its batch "
+                       r"axis.*x\[None\] for one sample"):
+        deq(x[0])
+    assert deq(x[:1]).shape == (1, N)
+
+
+def test_empty_batch(cell):
+    deq = DEQ(cell, SOLVER, "jfb", state_shape=(N,))
+    with pytest.raises(ValueError, match=r"the batch is empty \(x has size 0 on "
+                       r"batch_axis=0.*Skip the call"):
+        deq(jnp.ones((0, D)))
+    with pytest.raises(ValueError, match="the batch is empty"):
+        deq(jnp.ones((0, D)), z0=jnp.zeros((0, N)))
+
+
+def test_cell_that_mixes_samples(cell):
+    x = jax.random.normal(jax.random.key(1), (BATCH, D))
+    checked = DEQ(cell, SOLVER, "jfb", state_shape=(N,), check_independence=True)
+    assert tree_allclose(checked(x), DEQ(cell, SOLVER, "jfb", state_shape=(N,))(x))
+    mixing = MeanCentred(cell.W, cell.U, cell.b)
+    deq = DEQ(mixing, SOLVER, "jfb", state_shape=(N,), check_independence=True)
+    with pytest.raises(Exception, match="DEQ: the cell mixes samples: perturbing sample 0"):
+        deq(x)
+    with pytest.raises(Exception, match="the cell mixes samples"):
+        eqx.filter_jit(deq)(x)
+    with pytest.raises(TypeError, match="check_independence must be True or False, got 1"):
+        DEQ(cell, SOLVER, "jfb", state_shape=(N,), check_independence=1)
