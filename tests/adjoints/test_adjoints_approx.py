@@ -1,6 +1,7 @@
 """Every adjoint in batch mode on an `eqx.Module` cell with aux output, tracing and a
 step budget; the approximate adjoints against the dense implicit gradient."""
 
+import dataclasses
 import functools
 
 import equinox as eqx
@@ -159,3 +160,35 @@ def test_gdeq_is_closer_than_jfb_with_a_broyden_forward(adj):
     gdeq = _relative_error(adj, GDEQ(solver=broyden))
     assert jfb > 0.1
     assert gdeq < jfb / 2
+
+
+@pytest.mark.parametrize(
+    "b_solver, budget",
+    [
+        (("relaxed", {"damp": 0.5}), None),
+        (("relaxed", {"damp": 0.5}), 3),
+        (("anderson", {"depth": 3}), None),
+    ],
+    ids=["relaxed", "relaxed-budget-3", "anderson"],
+)
+def test_unroll_phantom_is_bptt_through_the_b_solvers_steps_from_z_star(adj, b_solver, budget):
+    """`UnrollPhantom(b_solver=S)` differentiates `K = S.max_steps` steps of `S` from
+    the forward's `z*` (or `backward_budget` of them): BPTT through the same steps from
+    the same point is the truth, for any solver with a differentiable step."""
+    name, options = b_solver
+    k = 10
+    cell = adj.make_cell("vector")
+    unroll = UnrollPhantom(solver=_picard(), b_solver=banax.get_solver(
+        name, max_steps=k, loop_kind="checkpointed", **options))
+    kwargs = {} if budget is None else {"backward_budget": jnp.array(budget)}
+    # Both start from the same point, where the forward is told to take no step: an
+    # inexact z*, since Anderson's mixing weights are ill-conditioned at a residual of
+    # zero, and the unroll accounts for the steps still moving.
+    start = dataclasses.replace(cell, x0=adj.truth("vector").z_star + 0.05)
+    _, ours = adj.grad(unroll, start, step_budget=jnp.array(0), **kwargs)
+    # Tolerances off: BPTT runs exactly its max_steps from the fixed point.
+    bptt = BPTT(solver=banax.get_solver(
+        name, max_steps=k if budget is None else budget, atol=0.0, rtol=0.0,
+        loop_kind="checkpointed", **options))
+    _, theirs = adj.grad(bptt, start)
+    assert max(_relative_errors(ours, eqx.filter(theirs, eqx.is_inexact_array))) < 1e-9

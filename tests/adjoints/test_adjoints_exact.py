@@ -68,3 +68,19 @@ def test_reversible_is_bptt_through_the_same_steps(adj):
     ours, theirs = eqx.filter((ours, theirs), eqx.is_inexact_array)
     assert tree_allclose(ours, theirs, rtol=1e-9, atol=1e-12)
     assert jnp.abs(ours[1]).max() > 1e-3  # x0 does receive a gradient
+
+
+def test_implicit_without_b_solver_solves_backwards_with_the_forward_solver(adj):
+    """The default backward solver is the forward one, run as a plain `lax` loop: the
+    backward system has the spectrum of the forward Jacobian, so it converges as the
+    forward did, to the forward's tolerance."""
+    forward = banax.get_solver("anderson", atol=1e-11, rtol=0.0, max_steps=250,
+                               loop_kind="checkpointed", keep_best=True)
+    adjoint = banax.get_adjoint("implicit", solver=forward)
+    assert type(adjoint.b_solver) is type(forward)
+    assert adjoint.b_solver.loop_kind == "lax" and adjoint.b_solver.keep_best is False
+    assert adjoint.b_solver.atol == forward.atol and adjoint.b_solver.depth == forward.depth
+    cell = adj.make_cell("vector")
+    _, grad = adj.grad(adjoint, cell)
+    assert tree_allclose(eqx.filter(grad, eqx.is_inexact_array), adj.truth("vector").grad,
+                         rtol=1e-7, atol=1e-9)
