@@ -31,7 +31,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(out: Path) -> list[str]:
+def run_two_processes(out: Path) -> None:
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
@@ -39,6 +39,8 @@ def run_two_processes(out: Path) -> list[str]:
         "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
     }
     address = f"127.0.0.1:{free_port()}"
+    # The coordinator listens on the loopback only (JAX's default is every interface).
+    env["JAX_COORDINATOR_BIND_ADDRESS"] = address
     procs = [
         subprocess.Popen(
             [sys.executable, str(HERE / "multiprocess_worker.py"), address, "2", str(i),
@@ -62,7 +64,6 @@ def run_two_processes(out: Path) -> list[str]:
         ) from None
     for i, (proc, log) in enumerate(zip(procs, logs)):
         assert proc.returncode == 0, f"process {i} failed:\n{log[-6000:]}"
-    return logs
 
 
 def test_two_processes_train_like_one_device(tmp_path):
@@ -75,9 +76,6 @@ def test_two_processes_train_like_one_device(tmp_path):
         opt_state = program["optimizer"].init(eqx.filter(model, eqx.is_inexact_array))
         (x, y), = program["global_batches"](SEED, STEPS)
         new_model, _, loss, grads = program["train_step"](model, opt_state, x, y)
-        # One process's half of the batch alone: what a missing all-reduce over the
-        # processes would give.
-        half_grads = program["train_step"](model, opt_state, x[:16], y[:16])[3]
     expected = arrays(new_model, loss, grads)
 
     for i in range(2):
@@ -87,6 +85,4 @@ def test_two_processes_train_like_one_device(tmp_path):
                 assert got[name].dtype == np.float64, name
                 np.testing.assert_allclose(got[name], value, rtol=1e-9, atol=1e-12,
                                            err_msg=f"process {i}: {name}")
-    w_grad = np.asarray(grads[0].cell.W)
-    assert np.linalg.norm(w_grad) > 1e-3
-    assert np.linalg.norm(np.asarray(half_grads[0].cell.W) - w_grad) > 0.1 * np.linalg.norm(w_grad)
+    assert np.linalg.norm(np.asarray(grads[0].cell.W)) > 1e-3  # not trivially zero
