@@ -214,3 +214,33 @@ def test_options_are_plain_fields_that_tree_at_edits():
     edited = eqx.tree_at(lambda s: (s.rtol, s.depth, s.damp), solver, (1e-9, 2, 0.5))
     assert (edited.rtol, edited.depth, edited.damp) == (1e-9, 2, 0.5)
     assert solver.rtol == 1e-3
+
+
+@pytest.mark.parametrize(
+    "where, value, error, words",
+    [
+        (lambda a: a.solver.rtol, -1.0, ValueError, "rtol must be a non-negative finite"),
+        (lambda a: a.solver.rtol, float("nan"), ValueError, "got nan"),
+        (lambda a: a.solver.max_steps, 0, ValueError, "max_steps must be an int >= 1"),
+        (lambda a: a.solver.loop_kind, "scan", ValueError, "loop_kind must be one of"),
+        (lambda a: a.solver.damp, 2.0, ValueError, "damp must be a number in (0, 1]"),
+    ],
+    ids=["rtol-negative", "rtol-nan", "max-steps-0", "loop-kind", "damp"],
+)
+def test_options_edited_by_tree_at_are_checked_at_the_call(where, value, error, words):
+    """`eqx.tree_at` skips `__check_init__`; the adjoint call checks the options again."""
+    adjoint = banax.adjoint.JFB(solver=banax.get_solver("relaxed"))
+    edited = eqx.tree_at(where, adjoint, value)
+    with pytest.raises(error) as info:
+        edited(lambda x: 0.5 * x + 1.0, jnp.zeros(2))
+    assert words in str(info.value)
+
+
+def test_a_numpy_option_set_by_tree_at_is_normalised_or_refused_under_jit():
+    adjoint = banax.adjoint.JFB(solver=banax.get_solver("picard"))
+    edited = eqx.tree_at(lambda a: a.solver.rtol, adjoint, np.float32(1e-3))
+    with pytest.raises(TypeError, match="rtol must be a Python float, got a JAX array.*"
+                                        "compile-time configuration"):
+        eqx.filter_jit(edited)(lambda x: 0.5 * x + 1.0, jnp.zeros(2))
+    sol = edited(lambda x: 0.5 * x + 1.0, jnp.zeros(2))  # outside jit: made a float
+    assert type(edited.solver.rtol) is float and sol.result == banax.Result.CONVERGED

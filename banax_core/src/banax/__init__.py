@@ -29,7 +29,14 @@ from ._loop import (
     stats_dtype,
     working_dtype,
 )
-from ._options import check_choice, check_flag, check_integer, check_real, normalise_options
+from ._options import (
+    check_choice,
+    check_flag,
+    check_integer,
+    check_options,
+    check_real,
+    normalise_options,
+)
 from ._problem import Problem, make_problem
 from ._registry import (
     BanaxPluginWarning,
@@ -70,8 +77,8 @@ __all__ = [
     "FlatSolution", "InvertibleStep", "Layout", "LinearSolveAdjoint", "LowRankInverseJacobian",
     "PluginConflictError", "PluginError", "PluginFailure", "Problem", "Registration",
     "Result", "Solution", "Solver", "Stats", "TracedFunction", "UnknownNameError",
-    "adjoint", "bind", "check_choice", "check_flag", "check_integer", "check_real",
-    "get_adjoint", "get_regularizer", "get_solver", "half_normal_like", "hookimpl",
+    "adjoint", "bind", "check_choice", "check_flag", "check_integer", "check_options",
+    "check_real", "get_adjoint", "get_regularizer", "get_solver", "half_normal_like", "hookimpl",
     "hookspecs", "iterate", "make_problem", "normalise_options", "plugin_failures",
     "register_plugin", "registrations", "regularization", "residual_norms", "solve",
     "solve_flat", "solver", "trace_count", "trace_history", "trace_last",

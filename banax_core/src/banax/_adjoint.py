@@ -15,7 +15,7 @@ from jaxtyping import Array, Int
 from ._fspec import FSpec
 from ._layout import FlatState
 from ._loop import FlatSolution, check_step_budget
-from ._options import check_choice, normalise_options
+from ._options import check_choice, check_options, normalise_options
 from ._problem import Problem, make_problem, to_solution
 from ._solution import BackwardStats, Result, Solution, result_summary
 from ._solver import Solver
@@ -92,6 +92,7 @@ class Adjoint(eqx.Module):
         backward_probe: BackwardStats | None = None,
         backward_budget: Int[Array, ""] | None = None,
     ) -> Solution:
+        check_options(self)  # options edited by eqx.tree_at were never checked
         problem = make_problem(
             f_spec, x0, has_aux=has_aux, trace=trace, step_budget=step_budget,
             batch_axis=self.solver.batch_axis,

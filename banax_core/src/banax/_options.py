@@ -23,6 +23,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import equinox as eqx
 import jax
 import numpy as np
 
@@ -59,6 +60,24 @@ def normalise_options(module: Any) -> None:
         scalar = _scalar(value)
         if scalar is not value:
             object.__setattr__(module, field.name, scalar)
+
+
+def check_options(module: Any) -> None:
+    """Run the construction checks of `module` again, and of the solvers and adjoints
+    among its fields.
+
+    `eqx.tree_at` builds a module without running `__check_init__`, so an option
+    edited that way (`rtol=-1.0`, a NumPy scalar) would otherwise reach the solve
+    unchecked. Adjoints call this when they are called (at trace time under `jit`).
+    """
+    for cls in type(module).__mro__:
+        check = cls.__dict__.get("__check_init__")
+        if check is not None:
+            check(module)
+    for field in dataclasses.fields(module):
+        value = getattr(module, field.name, None)
+        if isinstance(value, eqx.Module):
+            check_options(value)
 
 
 def _interval(low: float | None, high: float | None, low_open: bool,

@@ -35,6 +35,12 @@ def _describe(tree: Any) -> str:
     return str(jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", tree))
 
 
+def _kind(obj: Any) -> str:
+    if isinstance(obj, (tuple, list)):
+        return f"a {type(obj).__name__} of length {len(obj)}"
+    return f"a {type(obj).__name__}"
+
+
 def _check_signature(trace_fn: TraceFn, tag: str | None) -> None:
     """Refuse a trace function that cannot be called as the loop calls it."""
     try:
@@ -91,9 +97,11 @@ def check_trace(trace: Any, x: Any, fx: Any, f_aux: Any) -> tuple[TraceFn, Any]:
     `f_aux` of the call; return `trace_fn` and `trace_init` as arrays, its Python
     numbers given the dtype `trace_fn` computes for them."""
     if not (isinstance(trace, tuple) and len(trace) == 2 and callable(trace[0])):
+        got = (f"a pair whose first element is a {type(trace[0]).__name__}, not callable"
+               if isinstance(trace, tuple) and len(trace) == 2 else _kind(trace))
         raise TypeError(
-            f"trace must be a pair (trace_fn, trace_init) with {_SIGNATURE}; got "
-            f"{type(trace).__name__}. See banax.trace_count and friends."
+            f"trace must be a pair (trace_fn, trace_init) with {_SIGNATURE}; got {got}. "
+            "See banax.trace_count and friends."
         )
     trace_fn, init = trace
 
@@ -128,7 +136,15 @@ def check_trace(trace: Any, x: Any, fx: Any, f_aux: Any) -> tuple[TraceFn, Any]:
             init, init_shape, out,
         )
         out = evaluate(init)
-    check_accumulator(jax.eval_shape(lambda: init), out)
+    try:
+        check_accumulator(jax.eval_shape(lambda: init), out)
+    except ValueError as error:
+        if f_aux is None and jax.tree.leaves(init) and not jax.tree.leaves(out):
+            raise ValueError(
+                f"{error} trace_fn was given f_aux=None: f_aux is None unless "
+                "has_aux=True (e.g. for trace_last_aux)."
+            ) from None
+        raise
     return trace_fn, init
 
 

@@ -106,13 +106,15 @@ def half_normal_like(key: PRNGKeyArray, tree: Any) -> Any:
     """A random pytree like `tree`: each entry is 0 with probability 1/2, otherwise
     i.i.d. standard normal. A common DEQ initial state that breaks symmetry."""
     is_key = isinstance(key, jax.Array) and (
-        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ())
         or (key.dtype == jnp.uint32 and key.shape == (2,))
     )
     if not is_key:
         raise TypeError(
             "half_normal_like: key must be a single PRNG key such as jax.random.key(0), "
-            f"got {type(key).__name__} {key!r}."
+            f"got {type(key).__name__}{f' of shape {key.shape}' if hasattr(key, 'shape') else ''}"
+            ". Split keys with jax.random.split and map "
+            "over them with jax.vmap for several states."
         )
     _check_leaves("half_normal_like", tree)
     leaves, treedef = jax.tree.flatten(tree)
