@@ -14,16 +14,6 @@ from banax.adjoint import BPTT, Reversible
 def _tolerance(kind, dtype):
     if dtype == jnp.float32:
         return {"rtol": 2e-3, "atol": 2e-4}
-    if kind == "reversible":
-        # Rebuilding the trajectory backwards amplifies the forward's rounding by
-        # 1/λ_min per step, where λ_min = (1 − β)²/ρ is the smaller eigenvalue of the
-        # step's Jacobian, faster than the cotangent contracts (by ρ). The error of the
-        # gradient therefore has a floor ≈ ε^(ln ρ / ln λ_min) that no forward tolerance
-        # removes: on the scalar cell (ρ ≈ 0.70, λ_min ≈ 0.36) it is 1e-6 relative at
-        # atol 1e-11, 1e-13 and 1e-15 alike, while BPTT through the same solver reaches
-        # 4e-10, 6e-12 and 5e-14. `test_reversible_is_bptt_through_the_same_steps`
-        # checks the rule itself to 1e-9 on a short solve.
-        return {"rtol": 1e-5, "atol": 1e-7}
     return {"rtol": 1e-7, "atol": 1e-9}
 
 
@@ -45,9 +35,9 @@ def test_matches_the_dense_implicit_gradient(adj, exact_case):
 
 
 def test_reversible_is_bptt_through_the_same_steps(adj):
-    """The reversible adjoint claims BPTT's gradient at O(1) memory: on a short solve
-    (where rebuilding the trajectory loses little) they agree to 1e-9, for the
-    parameters and for `x0`, with samples that stop after different numbers of steps."""
+    """The reversible adjoint rewinds the very steps BPTT differentiates: they agree to
+    rounding, for the parameters and for `x0`, with samples that stop after different
+    numbers of steps."""
     cell = adj.make_cell("batched")
     options = {"damp": 0.5, "atol": 1e-4, "rtol": 0.0, "max_steps": 12, "batch_axis": 0}
     reversible = banax.get_solver("reversible", **options)
