@@ -26,8 +26,8 @@ PAGE_TIMEOUT_S = 240
 def reader_env() -> dict[str, str]:
     """The environment of a user: the suite's JAX settings removed."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_", "XLA_", "BANAX_"))}
-    env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg", PYTHONPATH="")
+           if not k.startswith(("JAX_", "XLA_", "BANAX_")) and k != "PYTHONPATH"}
+    env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
     return env
 
 
