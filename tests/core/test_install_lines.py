@@ -51,3 +51,12 @@ def test_install_line_works_in_a_fresh_venv(line, tmp_path):
                   f"for name in {demo_requirements()!r}: m.version(name)\n")
     subprocess.run([str(python), "-c", check], check=True, timeout=300)
     assert (python.parent / "banax").is_file()  # the command-line entry point
+
+
+def test_install_lines_of_the_docs_are_readme_lines():
+    # Only README's lines are installed for real above; the docs may repeat them.
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        for line in page.read_text(encoding="utf-8").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("pip install") and "./" in line:
+                assert line in LINES, f"{page.name}: {line!r} is not an install line of README"
