@@ -284,3 +284,30 @@ def test_a_negative_step_budget_is_clamped_to_zero_steps():
     sol = SOLVE((affine, (W, B)), jnp.zeros(2), step_budget=jnp.array(-3))
     assert int(sol.stats.steps) == 0 and sol.result == banax.Result.MAX_STEPS
     assert jnp.array_equal(sol.value, jnp.zeros(2))
+
+
+# --- DEQ inputs -----------------------------------------------------------------------
+
+
+class Cell(eqx.Module):
+    w: jax.Array
+
+    def __call__(self, z, x):
+        return jnp.tanh(self.w @ z.astype(self.w.dtype) + x)  # computes in w's dtype
+
+
+def test_a_deq_z0_of_another_dtype_or_made_of_numbers_is_explained():
+    deq = banax.DEQ(Cell(0.3 * jnp.eye(2)), solver="picard", state_shape=2)
+    x = jnp.ones(2)
+    with pytest.raises(ValueError) as info:
+        deq(x, z0=jnp.zeros(2, jnp.float32))
+    assert "the cell changes the state's dtype" in str(info.value)
+    assert "z0.astype(jnp.float64)" in str(info.value)
+    with pytest.raises(TypeError, match=r"Every leaf of z0 must be an array, but z0\[0\] is "
+                                        r"a Python float"):
+        deq(x, z0=[0.0, 0.0])
+
+
+def test_a_deq_state_shape_may_hold_numpy_ints():
+    deq = banax.DEQ(Cell(0.3 * jnp.eye(2)), solver="picard", state_shape=(np.int64(2),))
+    assert deq.state_shape == (2,) and type(deq.state_shape[0]) is int

@@ -1,18 +1,21 @@
 """`DEQ`: a deep equilibrium layer as an Equinox module."""
 
 import inspect
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, overload
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
 from ._adjoint import Adjoint
 from ._batch_checks import batch_size, check_batch_follows, mixes_samples, shapes_of
 from ._fspec import FSpec, bind
-from ._problem import _describe, _same_structure
+from ._layout import as_state
+from ._problem import _describe, _same_shapes, _same_structure
 from ._registry import get_adjoint
 from ._solution import BackwardStats, Solution
 from ._solver import Solver
@@ -58,18 +61,18 @@ def _resolve_adjoint(
 
 
 def _shape_tuple(state_shape: Any) -> tuple[int, ...]:
-    if isinstance(state_shape, int) and not isinstance(state_shape, bool):
+    if isinstance(state_shape, numbers.Integral) and not isinstance(state_shape, bool):
         state_shape = (state_shape,)
     if not (
         isinstance(state_shape, (tuple, list))
-        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0
-                for s in state_shape)
+        and all(isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_))
+                and s > 0 for s in state_shape)
     ):
         raise TypeError(
             "DEQ: state_shape must be a tuple of positive ints (the shape of one "
             f"sample's state, without the batch axis), got {state_shape!r}."
         )
-    return tuple(state_shape)
+    return tuple(int(s) for s in state_shape)
 
 
 class DEQ(eqx.Module):
@@ -261,6 +264,8 @@ class DEQ(eqx.Module):
         _check_key(self.cell, key)
         if z0 is None:
             z0 = self.initial_state(x)
+        else:
+            z0 = as_state(z0, "z0")
         _check_cell(self.f_spec(x, key), z0, x)
         axis = self.solver.batch_axis
         if axis is not None:
@@ -346,7 +351,16 @@ def _check_cell(f_spec: FSpec, z0: PyTree, x: PyTree) -> None:
             f"DEQ: the cell failed on x {_describe(shapes_of(x))} with state "
             f"{_describe(shapes_of(z0))}: {type(error).__name__}: {reason}{hint}"
         ) from None
-    if not _same_structure(out, jax.eval_shape(lambda z: z, z0)):
+    state = jax.eval_shape(lambda z: z, z0)
+    if _same_shapes(out, state) and not _same_structure(out, state):
+        raise ValueError(
+            f"DEQ: the cell changes the state's dtype: the state is "
+            f"{_describe(shapes_of(z0))} but cell(z, x) returned "
+            f"{_describe(shapes_of(out))}. Pass z0 in the dtype the cell computes in "
+            f"(z0.astype(jnp.{jax.tree.leaves(out)[0].dtype})), or leave z0 out so that "
+            "the init rule picks it."
+        )
+    if not _same_structure(out, state):
         raise ValueError(
             f"DEQ: the cell must return a state like the one it is given; the state is "
             f"{_describe(shapes_of(z0))} but cell(z, x) returned "
