@@ -48,7 +48,10 @@ class Adjoint(eqx.Module):
     """Base class of every adjoint: finds the fixed point and owns its gradient rule.
 
     Call it as `adjoint(f_spec, x0, has_aux=False, trace=None, step_budget=None)` to get
-    a `Solution` whose `value` carries gradients to the arrays in `f_spec`. Two keyword
+    a `Solution` whose `value` carries gradients to the arrays in `f_spec`.
+    `step_budget` is a scalar integer JAX array clamped to `[0, solver.max_steps]` (a
+    negative budget runs no step); the call is checked at trace time (see
+    `banax.make_problem`), options edited by `eqx.tree_at` included. Two keyword
     arguments concern the backward pass:
 
     - `backward_probe`: a `banax.BackwardStats.probe()`; differentiate with respect to
