@@ -45,7 +45,7 @@ def _grid(dtype: Any) -> tuple[Any, Any, int]:
     A sample's initial values (`z0` and `f(z0)`) use `bits` bits of the integer and
     leave the rest as headroom, up to `2^(w − 2)` for a `w`-bit integer (so a step's
     sums never wrap): 50 bits and 11 of headroom for float64; for float32, float16 and
-    bfloat16 (all on a float32 grid) 30 bits and 31 of headroom with int64 (x64
+    bfloat16 (all on a float32 grid) 24 bits and 37 of headroom with int64 (x64
     enabled), else 23 bits and 6 of headroom with int32.
     """
     if jnp.dtype(dtype) == jnp.float64:
