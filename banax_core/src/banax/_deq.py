@@ -14,11 +14,13 @@ from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 from ._adjoint import Adjoint
 from ._batch_checks import batch_size, check_batch_follows, mixes_samples, shapes_of
 from ._fspec import FSpec, bind
+from ._modes import check_inference_options, check_pretrain_steps, inference_adjoint, unrolled
 from ._layout import as_state
 from ._problem import _describe, _same_shapes, _same_structure
 from ._registry import get_adjoint
 from ._solution import BackwardStats, Solution
 from ._solver import Solver
+from ._stateful import FrozenState, check_stateful
 
 ComponentSpec = str | Mapping[str, Any]
 """A registry name such as `"anderson"`, or `{"name": "anderson", **options}`."""
@@ -106,6 +108,16 @@ class DEQ(eqx.Module):
         samples apart (one JVP at `z0` with a tangent on sample 0 only, about two
         extra cell evaluations per call; a cell that mixes samples raises at run
         time). A debugging aid: leave it off in training.
+    - `inference_settings`: the forward solve's `max_steps`, `rtol` and/or `atol`
+        under `eqx.nn.inference_mode(deq)` (torchdeq's `eval_factor`), e.g.
+        `{"max_steps": 100, "rtol": 1e-6}`; the other settings are the solver's.
+    - `inference`: whether the layer is in inference mode (set by
+        `eqx.nn.inference_mode`, which also turns the cell's dropout off).
+    - `pretrain_steps`: `None` to solve for the fixed point; an int `K` to apply the
+        cell `K` times from `z0` instead, differentiated by backpropagation (unrolled
+        pre-training, as in MDEQ). Switch it on a built model with
+        `eqx.tree_at(lambda d: d.pretrain_steps, deq, K)` (and back with `None`):
+        the parameters are untouched.
 
     **Batch mode.** When the solver has `batch_axis=b` (e.g.
     `solver={"name": "anderson", "batch_axis": 0}`), `x` must carry the batch on axis
@@ -134,6 +146,11 @@ class DEQ(eqx.Module):
     init: str | Callable[[Any], Any]
     state_shape: tuple[int, ...] | None = eqx.field(static=True)
     check_independence: bool = eqx.field(static=True)
+    inference_settings: tuple[tuple[str, Any], ...] = eqx.field(static=True)
+    # Plain fields, so that eqx.nn.inference_mode and eqx.tree_at switch them on a
+    # trained model without touching its parameters.
+    inference: bool
+    pretrain_steps: int | None
 
     def __init__(
         self,
@@ -144,6 +161,9 @@ class DEQ(eqx.Module):
         init: str | Callable[[Any], Any] = "zeros",
         state_shape: int | tuple[int, ...] | None = None,
         check_independence: bool = False,
+        inference_settings: dict[str, Any] | None = None,
+        inference: bool = False,
+        pretrain_steps: int | None = None,
     ):
         if not callable(cell):
             raise TypeError(
@@ -174,22 +194,32 @@ class DEQ(eqx.Module):
                 f"DEQ: check_independence must be True or False, got {check_independence!r}."
             )
         self.check_independence = check_independence
+        self.inference_settings = tuple(sorted(
+            check_inference_options(self.adjoint, inference_settings).items()))
+        if not isinstance(inference, bool):
+            raise TypeError(f"DEQ: inference must be True or False, got {inference!r}.")
+        self.inference = inference
+        check_pretrain_steps(pretrain_steps)
+        self.pretrain_steps = pretrain_steps
 
     @property
     def solver(self) -> Solver:
         """The forward solver (held by the adjoint)."""
         return self.adjoint.solver
 
-    def f_spec(self, x: PyTree, key: PRNGKeyArray | None = None) -> FSpec:
-        """The `FSpec` of the fixed-point map `z ↦ cell(z, x)` (`cell(z, x, key=key)`
-        when a key is given): `(cell, (x,))` or `(cell, (x,), {"key": key})`.
+    def f_spec(self, x: PyTree, key: PRNGKeyArray | None = None,
+               state: eqx.nn.State | None = None) -> FSpec:
+        """The `FSpec` of the fixed-point map `z ↦ cell(z, x)`: `(cell, (x,))`, with
+        `{"key": key}` when a key is given, and for a stateful cell the map
+        `z ↦ cell(z, x, state)[0]` with the state held fixed.
 
         Pass it to a regularizer to penalise the cell's Jacobian at the fixed point,
         e.g. `banax.regularization.jacobian_spectral_norm(deq.f_spec(x), z, key=key)`.
         """
-        if key is None:
-            return self.cell, (x,)
-        return self.cell, (x,), {"key": key}
+        kwargs = {} if key is None else {"key": key}
+        if state is None:
+            return self.cell, (x,), kwargs
+        return FrozenState(self.cell), (x, state), kwargs
 
     def initial_state(self, x: PyTree) -> PyTree:
         """The state the solve starts from, by the `init` rule."""
@@ -209,27 +239,30 @@ class DEQ(eqx.Module):
 
     @overload
     def __call__(
-        self, x: PyTree, *, key: PRNGKeyArray | None = None, z0: PyTree | None = None,
+        self, x: PyTree, state: eqx.nn.State | None = None, *,
+        key: PRNGKeyArray | None = None, z0: PyTree | None = None,
         step_budget: Int[Array, ""] | None = None,
         trace: tuple[Callable[..., Any], Any] | None = None,
         backward_probe: BackwardStats | None = None,
         backward_budget: Int[Array, ""] | None = None,
         return_solution: Literal[False] = False,
-    ) -> PyTree: ...
+    ) -> PyTree | tuple[PyTree, eqx.nn.State]: ...
 
     @overload
     def __call__(
-        self, x: PyTree, *, key: PRNGKeyArray | None = None, z0: PyTree | None = None,
+        self, x: PyTree, state: eqx.nn.State | None = None, *,
+        key: PRNGKeyArray | None = None, z0: PyTree | None = None,
         step_budget: Int[Array, ""] | None = None,
         trace: tuple[Callable[..., Any], Any] | None = None,
         backward_probe: BackwardStats | None = None,
         backward_budget: Int[Array, ""] | None = None,
         return_solution: Literal[True],
-    ) -> tuple[PyTree, Solution]: ...
+    ) -> tuple[Any, Solution]: ...
 
     def __call__(
         self,
         x: PyTree,
+        state: eqx.nn.State | None = None,
         *,
         key: PRNGKeyArray | None = None,
         z0: PyTree | None = None,
@@ -238,13 +271,17 @@ class DEQ(eqx.Module):
         backward_probe: BackwardStats | None = None,
         backward_budget: Int[Array, ""] | None = None,
         return_solution: bool = False,
-    ) -> PyTree | tuple[PyTree, Solution]:
+    ) -> Any:
         """Solve `z* = cell(z*, x)`.
 
         **Arguments:**
 
         - `x`: the input (a pytree of arrays), with the batch on the solver's
             `batch_axis` in batch mode.
+        - `state`: for a cell holding Equinox state, `cell(z, x, state) -> (z',
+            state')`, its `eqx.nn.State`. It is read once per solve (every iteration
+            sees the same state) and updated once per call, by one more evaluation
+            of the cell at `z*`; the call then returns `(z*, state')`.
         - `key`: a PRNG key for a cell that takes one (`cell(z, x, key=key)`), e.g.
             to drive an `eqx.nn.Dropout`. The same key is passed to every evaluation of
             the cell in this solve (and its backward pass), so dropout draws one mask
@@ -258,27 +295,44 @@ class DEQ(eqx.Module):
         - `return_solution`: also return the `Solution`, whose `stats` hold the steps
             and residuals (per sample in batch mode) and `result` the outcome.
 
-        **Returns:** `z*`, or `(z*, solution)` when `return_solution=True`.
+        **Returns:** `z*` (`(z*, state')` with a state), and the `Solution` beside it
+        when `return_solution=True`: `(z*, solution)` or `((z*, state'), solution)`.
+        In pre-training mode the solution reports `pretrain_steps` steps and the
+        residual of the last cell application.
         """
         x = jax.tree.map(lambda a: a if eqx.is_array(a) else jnp.asarray(a), x)
         _check_key(self.cell, key)
+        if state is not None:
+            check_stateful(self.cell, state)
         if z0 is None:
             z0 = self.initial_state(x)
         else:
             z0 = as_state(z0, "z0")
-        _check_cell(self.f_spec(x, key), z0, x)
+        f_spec = self.f_spec(x, key, state)
+        _check_cell(f_spec, z0, x)
         axis = self.solver.batch_axis
         if axis is not None:
-            check_batch_follows(lambda x: bind(self.f_spec(x, key)), z0, x, axis)
+            check_batch_follows(lambda x: bind(self.f_spec(x, key, state)), z0, x, axis)
             if self.check_independence:
-                mixed = mixes_samples(bind(self.f_spec(x, key)), z0, axis,
-                                      jax.random.key(0))
+                mixed = mixes_samples(bind(f_spec), z0, axis, jax.random.key(0))
                 z0 = eqx.error_if(z0, mixed, _MIXING)
-        solution = self.adjoint(
-            self.f_spec(x, key), z0, trace=trace, step_budget=step_budget,
-            backward_probe=backward_probe, backward_budget=backward_budget,
-        )
-        return (solution.value, solution) if return_solution else solution.value
+        if self.pretrain_steps is not None:
+            solution = unrolled(bind(f_spec), jax.lax.stop_gradient(z0),
+                                self.pretrain_steps, self.solver)
+        else:
+            adjoint = self.adjoint
+            if self.inference:
+                adjoint = inference_adjoint(adjoint, dict(self.inference_settings))
+            solution = adjoint(
+                f_spec, z0, trace=trace, step_budget=step_budget,
+                backward_probe=backward_probe, backward_budget=backward_budget,
+            )
+        out = solution.value
+        if state is not None:
+            kwargs = {} if key is None else {"key": key}
+            _, new_state = self.cell(jax.lax.stop_gradient(out), x, state, **kwargs)
+            out = (out, new_state)
+        return (out, solution) if return_solution else out
 
 
 def _state_dtype(cell: Any, x: PyTree) -> Any:
