@@ -125,8 +125,11 @@ def test_adjoint_options_are_normalised_too():
         ("ab", "x0 is a str ('ab')"),
         ({"a": jnp.zeros(2), "b": "s"}, "x0['b'] is a str"),
         (jnp.zeros(2, jnp.int32), "x0 has dtype int32; fixed-point states must be floating"),
+        (jax.ShapeDtypeStruct((2,), jnp.float64), "x0 is a jax.ShapeDtypeStruct, a shape "
+                                                  "without values; pass an array"),
     ],
-    ids=["list-of-floats", "python-float", "string", "dict-with-string", "int-array"],
+    ids=["list-of-floats", "python-float", "string", "dict-with-string", "int-array",
+         "shape-dtype-struct"],
 )
 def test_non_array_or_integer_leaves_of_x0_are_refused_naming_the_leaf(x0, words):
     with pytest.raises(TypeError) as info:

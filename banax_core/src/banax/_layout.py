@@ -94,7 +94,15 @@ def as_state(x0: Any, name: str = "x0") -> Any:
     """`x0` with NumPy leaves turned into JAX arrays, after checking that every leaf is
     a floating-point array (Python numbers, strings and lists are refused, naming the
     leaf as `name[...]`)."""
-    jax.tree_util.tree_map_with_path(lambda p, leaf: _check_leaf(name, p, leaf), x0)
+    def check(path: Any, leaf: Any) -> None:
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            raise TypeError(
+                f"{name}{jax.tree_util.keystr(path)} is a jax.ShapeDtypeStruct, a shape "
+                "without values; pass an array, e.g. jnp.zeros(shape, dtype)."
+            )
+        _check_leaf(name, path, leaf)
+
+    jax.tree_util.tree_map_with_path(check, x0)
     return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), x0)
 
 

@@ -134,12 +134,15 @@ def check_real(
 
 
 def check_integer(owner: Any, option: str, value: Any, *, minimum: int,
-                  allow_none: bool = False, why: str = "") -> int | None:
-    """Check that `value` is an integer `>= minimum` (a Python or NumPy int, not a bool
-    or a float such as `2.0`) and return it as a Python int."""
+                  maximum: int | None = None, allow_none: bool = False,
+                  why: str = "") -> int | None:
+    """Check that `value` is an integer in `[minimum, maximum]` (a Python or NumPy int,
+    not a bool or a float such as `2.0`) and return it as a Python int."""
     if value is None and allow_none:
         return None
     requirement = "a non-negative int" if minimum == 0 else f"an int >= {minimum}"
+    if maximum is not None:
+        requirement = f"an int in [{minimum}, {maximum}]"
     if allow_none:
         requirement = f"None or {requirement}"
     _refuse_jax(owner, option, value, "int")
@@ -149,7 +152,7 @@ def check_integer(owner: Any, option: str, value: Any, *, minimum: int,
         raise TypeError(
             f"{_owner(owner)}: {option} must be {requirement}, got {value!r}{hint}{why}."
         )
-    if scalar < minimum:
+    if scalar < minimum or (maximum is not None and scalar > maximum):
         raise ValueError(f"{_owner(owner)}: {option} must be {requirement}, got {value!r}{why}.")
     return int(scalar)
 

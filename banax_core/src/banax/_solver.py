@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ._loop import FlatSolution
 
 LOOP_KINDS = ("lax", "bounded", "checkpointed")
+MAX_STEPS_LIMIT = 2**31 - 1
 SolverState = TypeVar("SolverState")
 
 
@@ -64,8 +65,9 @@ class Solver(eqx.Module, Generic[SolverState]):
         normalise_options(self)
         for option in ("atol", "rtol"):
             check_real(self, option, getattr(self, option), low=0, why="; 0.0 disables it")
+        # Steps are counted in int32 (the statistics' dtype, with or without x64).
         check_integer(
-            self, "max_steps", self.max_steps, minimum=1,
+            self, "max_steps", self.max_steps, minimum=1, maximum=MAX_STEPS_LIMIT,
             why=". To vary the depth at run time pass step_budget=jnp.array(k) to the "
                 "adjoint call",
         )
