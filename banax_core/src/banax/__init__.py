@@ -16,6 +16,7 @@ from ._adjoint import (
     solve,
 )
 from ._deq import DEQ
+from ._spectral_radius import spectral_radius
 from ._fspec import BoundFunction, FSpec, bind
 from ._layout import Layout
 from ._loop import (
@@ -82,6 +83,7 @@ __all__ = [
     "hookspecs", "iterate", "make_problem", "normalise_options", "plugin_failures",
     "register_plugin", "registrations", "regularization", "residual_norms", "solve",
     "solve_flat", "solver", "trace_count", "trace_history", "trace_last",
-    "trace_last_aux", "unregister_plugin", "utils", "working_dtype", "zeros_like",
+    "spectral_radius", "trace_last_aux", "unregister_plugin", "utils", "working_dtype",
+    "zeros_like",
     "BanaxPrecisionWarning", "reachable_tolerances", "squared_norms", "stats_dtype",
 ]
