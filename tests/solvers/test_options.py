@@ -94,7 +94,7 @@ BAD = [
     ("anderson", "max_steps", True, TypeError, "step_budget=jnp.array(k)"),
     ("picard", "max_steps", 50.0, TypeError, "an int >= 1"),
     ("picard", "max_steps", float("inf"), TypeError, "an int >= 1"),
-    ("picard", "max_steps", 2**31, ValueError, "an int in [1, 2147483647]"),
+    ("picard", "max_steps", 2**31, ValueError, "an int >= 1 and <= 2147483647"),
     ("relaxed", "loop_kind", "scan", ValueError, "checkpointed"),
     ("picard", "keep_best", "no", TypeError, "True or False"),
     ("picard", "keep_best", 1, TypeError, "True or False"),

@@ -141,8 +141,6 @@ def check_integer(owner: Any, option: str, value: Any, *, minimum: int,
     if value is None and allow_none:
         return None
     requirement = "a non-negative int" if minimum == 0 else f"an int >= {minimum}"
-    if maximum is not None:
-        requirement = f"an int in [{minimum}, {maximum}]"
     if allow_none:
         requirement = f"None or {requirement}"
     _refuse_jax(owner, option, value, "int")
@@ -152,6 +150,8 @@ def check_integer(owner: Any, option: str, value: Any, *, minimum: int,
         raise TypeError(
             f"{_owner(owner)}: {option} must be {requirement}, got {value!r}{hint}{why}."
         )
+    if maximum is not None and scalar > maximum:
+        requirement = f"{requirement} and <= {maximum}"
     if scalar < minimum or (maximum is not None and scalar > maximum):
         raise ValueError(f"{_owner(owner)}: {option} must be {requirement}, got {value!r}{why}.")
     return int(scalar)
