@@ -271,6 +271,12 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         z_prev = jnp.where(first, state.z0, self._to_float(z_int, scale, z.dtype))
         y_int = self._unrelax(state.y_int, f(z_prev), scale, codes // size)
         y_prev = jnp.where(first, state.z0, self._to_float(y_int, scale, z.dtype))
+        # Back at the start both sequences must be z0 on the grid. If not (f differed
+        # by more than the correction bits absorb), the start turns NaN, and with it
+        # the gradient: never a silently wrong one.
+        start, _ = _quantize(state.z0.astype(scale.dtype), scale, z_int.dtype)
+        wrong = first & ((z_int != start) | (y_int != start))
+        z_prev, y_prev = (jnp.where(wrong, jnp.nan, v) for v in (z_prev, y_prev))
         state = ReversibleState(
             y=y_prev, y_int=y_int, z_int=z_int, scale=scale,
             remainders=state.remainders, z0=state.z0, k=k,
