@@ -71,8 +71,9 @@ class UnrollPhantom(banax.BackwardRuleAdjoint):
     from the unroll.
 
     `b_solver.loop_kind` sets the unroll's memory: `"checkpointed"` stores about
-    `√(2K)` states and recomputes the rest; `"bounded"`, and `"lax"` (which cannot be
-    reverse-differentiated, so it runs as `"bounded"`), store the `K` states.
+    `√(2K)` states and recomputes the rest (and stops at a smaller backward budget);
+    `"lax"` and `"bounded"` unroll a scan of `K` steps that stores them all (steps past
+    a backward budget are computed and discarded).
 
     Cost: `K + 1` evaluations and `K + 1` VJPs of `f`, all in the backward pass;
     memory independent of the forward solver's `max_steps`. Biased for finite `K`;
@@ -112,7 +113,6 @@ class UnrollPhantom(banax.BackwardRuleAdjoint):
         params, f_with = problem.parameters()
         b_solver = self.b_solver
         steps = _terms(b_solver, problem.backward_budget)
-        kind = "bounded" if b_solver.loop_kind == "lax" else b_solver.loop_kind
 
         def unroll(p: Any) -> tuple[jax.Array, jax.Array]:
             fn = f_with(p)
@@ -127,10 +127,22 @@ class UnrollPhantom(banax.BackwardRuleAdjoint):
 
             z, fz = forward.z, fn(forward.z)
             init = (jnp.asarray(0), z, fz, b_solver.init(z, fz))
-            _, z, fz, _ = eqxi.while_loop(
-                lambda carry: carry[0] < steps, body, init,
-                max_steps=b_solver.max_steps, kind=kind,
-            )
+            if b_solver.loop_kind == "checkpointed":
+                _, z, fz, _ = eqxi.while_loop(
+                    lambda carry: carry[0] < steps, body, init,
+                    max_steps=b_solver.max_steps, kind="checkpointed",
+                )
+                return z, fz
+
+            # A scan of K steps stores them all, and nothing more (a bounded loop would
+            # pad to its 16-step base); steps past a budget keep the carry.
+            def masked(carry: tuple, _: None) -> tuple[tuple, None]:
+                new = body(carry)
+                return jax.tree.map(
+                    lambda a, b: jnp.where(carry[0] < steps, a, b), new, carry
+                ), None
+
+            (_, z, fz, _), _ = jax.lax.scan(masked, init, None, length=b_solver.max_steps)
             return z, fz
 
         (z, fz), vjp = jax.vjp(unroll, params)
