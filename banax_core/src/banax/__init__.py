@@ -17,6 +17,7 @@ from ._adjoint import (
 )
 from ._deq import DEQ
 from ._spectral_radius import spectral_radius
+from ._warm_start import FixedPointCache, initial_guess_loss
 from ._fspec import BoundFunction, FSpec, bind
 from ._layout import Layout
 from ._loop import (
@@ -83,7 +84,7 @@ __all__ = [
     "hookspecs", "iterate", "make_problem", "normalise_options", "plugin_failures",
     "register_plugin", "registrations", "regularization", "residual_norms", "solve",
     "solve_flat", "solver", "trace_count", "trace_history", "trace_last",
-    "spectral_radius", "trace_last_aux", "unregister_plugin", "utils", "working_dtype",
-    "zeros_like",
+    "FixedPointCache", "initial_guess_loss", "spectral_radius", "trace_last_aux",
+    "unregister_plugin", "utils", "working_dtype", "zeros_like",
     "BanaxPrecisionWarning", "reachable_tolerances", "squared_norms", "stats_dtype",
 ]
