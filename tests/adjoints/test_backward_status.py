@@ -221,3 +221,27 @@ def test_a_probe_of_the_wrong_shape_or_type_fails_at_the_call():
         adjoint((_cell, (W, X)), jnp.zeros((4, N)), backward_probe=jnp.zeros(4))
     with pytest.raises(ValueError, match="batch_size must be None or an int >= 1"):
         BackwardStats.probe(0)
+
+
+def test_warn_under_vmap_names_only_the_failed_solves():
+    """Under `vmap` the policy's `lax.cond` runs both branches; the warning still fires
+    for, and only for, the instances whose backward solve failed."""
+    adjoint = _picard_adjoint("warn")
+
+    def grad_c(a):
+        def loss(c):
+            x0 = -c[None] / (1 - a)  # the fixed point: the forward takes no step
+            return jnp.sum(adjoint((_expansive, (a, c)), x0).value)
+
+        return jax.grad(loss)(jnp.array(1.0))
+
+    run = jax.jit(jax.vmap(grad_c))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads = run(jnp.array([0.5, 0.25]))
+        jax.effects_barrier()
+    assert jnp.allclose(grads, 1 / (1 - jnp.array([0.5, 0.25])), rtol=1e-4)
+    with pytest.warns(banax.BackwardSolveWarning, match=r"\(MAX_STEPS: 1\)") as caught:
+        run(jnp.array([0.5, 2.0]))
+        jax.effects_barrier()
+    assert len(caught) == 1

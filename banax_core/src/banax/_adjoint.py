@@ -10,6 +10,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Int
 
 from ._fspec import FSpec
@@ -210,6 +211,9 @@ def _enforce(
     if adjoint.on_failure == "warn":
 
         def warn(codes: Any) -> None:
+            # Under vmap the cond runs both branches: look at the codes again.
+            if not np.any(np.asarray(codes) != Result.CONVERGED):
+                return
             warnings.warn(
                 f"{name}: the backward solve did not converge ({result_summary(codes)}); "
                 "the gradient of this step is unreliable. Give the backward solver more "
