@@ -104,10 +104,10 @@ def _temp_bytes(max_steps):
 
 
 def test_memory_grows_only_by_the_recorded_digits():
-    # 32 bits per element per step (two base-5 digits and the correction bits of the
-    # rounded β f), nothing else per step: 16 -> 256 -> 4096 steps.
+    # 16 bits per element per step (per sequence a base-5 digit and 5 low bits of
+    # f), nothing else per step: 16 -> 256 -> 4096 steps.
     sizes = [_temp_bytes(n) for n in (16, 256, 4096)]
-    per_step = 4 * N
+    per_step = 2 * N
     assert sizes[1] - sizes[0] == pytest.approx(240 * per_step, rel=0.01)
     assert sizes[2] - sizes[0] == pytest.approx(4080 * per_step, rel=0.01)
 

@@ -60,6 +60,27 @@ def _limit(int_dtype: Any) -> int:
     return 2 ** (jnp.iinfo(int_dtype).bits - 3)
 
 
+def _ordered(x: Flat) -> Ints:
+    """The float `x` as an integer that counts ulps: neighbouring floats give
+    neighbouring integers, across powers of two and zero alike."""
+    bits = jax.lax.bitcast_convert_type(x, _same_width_int(x.dtype))
+    wide = jnp.int64 if bits.dtype == jnp.int64 else jnp.int32
+    lowest = jnp.iinfo(bits.dtype).min
+    return jnp.where(bits >= 0, bits.astype(wide), lowest - bits.astype(wide))
+
+
+def _unordered(key: Ints, dtype: Any) -> Flat:
+    """The float of `dtype` that `_ordered` maps to `key`."""
+    int_dtype = _same_width_int(dtype)
+    lowest = jnp.iinfo(int_dtype).min
+    bits = jnp.where(key >= 0, key, lowest - key).astype(int_dtype)
+    return jax.lax.bitcast_convert_type(bits, dtype)
+
+
+def _same_width_int(dtype: Any) -> Any:
+    return {1: jnp.int8, 2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(dtype).itemsize]
+
+
 def _quantize(v: Float[Array, "batch features"], scale: Float[Array, "batch 1"],
               int_dtype: Any) -> tuple[Ints, Array]:
     """`round(v · scale)` and whether it is in range (False for NaN and infinities)."""
@@ -137,16 +158,20 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         return beta.denominator - beta.numerator, beta.denominator
 
     @property
+    def _code_bits(self) -> int:
+        """Bits recorded per element, step and sequence: 8 when `d ≤ 16`, else 16."""
+        return 8 if self._ratio[1] <= 16 else 16
+
+    @property
     def _check_bits(self) -> int:
-        """Low bits of each rounded `β f` recorded per element and step: what the two
-        digits leave of 32 bits, split between the sequences (13 for d = 5).
+        """Low bits of each `f(b)` (counted in ulps, see `_ordered`) recorded beside the
+        digit: what the digit leaves of `_code_bits` (5 for d = 5).
 
         The backward pass may evaluate `f` a few ulps differently from the forward
-        (XLA compiles the two loops separately, e.g. with other dot kernels), and on
-        the grid an ulp of `f` is `2^g` units once iterates grow `2^g` times beyond
-        their initial size. With these bits the inverse corrects its rounded `β f` by
-        up to `±2^(bits − 1)` units, so the rewind stays exact."""
-        return (32 - 2 * (self._ratio[1] - 1).bit_length()) // 2
+        (XLA compiles the two loops separately, e.g. with other dot kernels). With
+        these bits the inverse recovers the forward's `f(b)` exactly when its own is
+        within `±2^(bits − 1)` ulps, so the rewind stays exact."""
+        return self._code_bits - (self._ratio[1] - 1).bit_length()
 
     @property
     def _code_size(self) -> int:
@@ -178,7 +203,8 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         z_int, _ = _quantize(z0.astype(work), scale, int_dtype)
         remainders, k, start = None, None, None
         if self.record:
-            remainders = jnp.zeros((z0.shape[0], self.max_steps, z0.shape[1]), jnp.uint32)
+            codes = jnp.uint16 if self._code_bits == 8 else jnp.uint32
+            remainders = jnp.zeros((z0.shape[0], self.max_steps, z0.shape[1]), codes)
             k, start = jnp.asarray(0), z0
         return ReversibleState(y=z0, y_int=z_int, z_int=z_int, scale=scale,
                                remainders=remainders, z0=start, k=k)
@@ -203,7 +229,8 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         new = jnp.where(ok, new, limit + 1)
         value = jnp.where(ok, self._to_float(new, scale, a.dtype), jnp.nan)
         ideal = damped(a, fb, self.damp)
-        code = (t % d) * 2**self._check_bits + q % 2**self._check_bits
+        low = _ordered(fb).astype(int_dtype) % 2**self._check_bits
+        code = (t % d) * 2**self._check_bits + low
         return new, value + (ideal - jax.lax.stop_gradient(ideal)), code
 
     def _unrelax(self, new: Ints, fb: Flat, scale: Float[Array, "batch 1"],
@@ -212,10 +239,10 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         n, d = self._ratio
         bits = self._check_bits
         digit, low = code // 2**bits, code % 2**bits
+        # The forward's f(b) is the float nearest to this one with its low bits.
+        key, half = _ordered(fb).astype(code.dtype), 2 ** (bits - 1)
+        fb = _unordered(key + (low - key + half) % 2**bits - half, fb.dtype)
         q, _ = _quantize(self.damp * fb.astype(scale.dtype), scale, new.dtype)
-        # The forward's q is the one nearest to this q with its low bits.
-        half = 2 ** (bits - 1)
-        q = q + (low - q + half) % 2**bits - half
         # a n = R d + digit − ⌊d/2⌋ with R = new − q = c n + e, so that
         # a = c d + (e d + digit − ⌊d/2⌋) / n, exactly and without overflow.
         rounded = new - q
