@@ -1,6 +1,8 @@
 """The core loop, exercised through a minimal solver written against the public
 extension points: stopping, NaN guard, budget, batch mode, loop kinds, precision."""
 
+import warnings
+
 import equinox as eqx
 import hypothesis.strategies as st
 import jax
@@ -258,3 +260,56 @@ def test_jit_and_vmap(problem):
     bs = jnp.stack([b, 2 * b, -b])
     assert jnp.allclose(jax.vmap(solve)(bs), jnp.stack([expected, 2 * expected, -expected]),
                         atol=1e-8)
+
+
+class TestPrecisionWarning:
+    """Tolerances finer than the state's dtype resolves are flagged at trace time."""
+
+    @staticmethod
+    def solve(dtype, features=16, **options):
+        f = lambda x: 0.5 * x + 1  # noqa: E731  (a fresh f: traced anew)
+        return Direct(Iterate(max_steps=30, **options))(f, jnp.zeros(features, dtype))
+
+    def test_bfloat16_with_rtol_1e_3_warns_with_the_reachable_tolerance(self):
+        with pytest.warns(banax.BanaxPrecisionWarning,
+                          match=r"rtol=0\.001 are finer than a bfloat16 state can "
+                                r"resolve.*run to max_steps.*Use rtol >= 0\.00781"):
+            self.solve(jnp.bfloat16, rtol=1e-3)
+
+    def test_unreachable_atol_names_the_features(self):
+        # float16: ε √N = 9.8e-4 · 4 for 16 features.
+        with pytest.warns(banax.BanaxPrecisionWarning,
+                          match=r"atol=1e-05.*float16.*atol >= 0\.0039\d* for 16 entries"):
+            self.solve(jnp.float16, atol=1e-5, rtol=0.0)
+
+    @pytest.mark.parametrize("dtype, options", [
+        (jnp.float32, {}),                                 # default rtol=1e-5
+        (jnp.bfloat16, {"rtol": 1e-2}),                    # just above ε = 2⁻⁷
+        (jnp.bfloat16, {"rtol": 1e-3, "atol": 0.5}),       # one reachable test suffices
+        (jnp.float16, {"rtol": 0.0, "atol": 0.0}),         # a fixed number of steps
+        (jnp.float64, {"rtol": 1e-14}),
+    ])
+    def test_reachable_tolerances_do_not_warn(self, dtype, options):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", banax.BanaxPrecisionWarning)
+            self.solve(dtype, **options)
+
+    def test_the_rule(self):
+        assert banax.reachable_tolerances(jnp.bfloat16, 64) == (2.0**-7, 2.0**-7 * 8)
+        assert banax.reachable_tolerances(jnp.complex64, 1)[0] == float(
+            jnp.finfo(jnp.float32).eps)
+
+
+@pytest.mark.parametrize("dtype, wide, real", [
+    (jnp.float16, jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32, jnp.float32),
+    (jnp.float32, jnp.float32, jnp.float32), (jnp.float64, jnp.float64, jnp.float64),
+    (jnp.complex64, jnp.complex64, jnp.float32), (jnp.complex128, jnp.complex128, jnp.float64),
+])
+def test_working_and_stats_dtypes(dtype, wide, real):
+    assert banax.working_dtype(dtype) == wide
+    assert banax.stats_dtype(dtype) == real
+
+
+def test_working_dtype_refuses_integers():
+    with pytest.raises(TypeError, match="expected a floating or complex dtype, got int32"):
+        banax.working_dtype(jnp.int32)

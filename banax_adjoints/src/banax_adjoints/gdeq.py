@@ -54,7 +54,7 @@ class GDEQ(banax.LinearSolveAdjoint):
         budget: None,
     ) -> jax.Array:
         u, v = self.solver.inverse_jacobian_factors(forward.state)
-        dtype = jnp.result_type(g, u, v)
+        dtype = banax.working_dtype(g.dtype)  # the factors' dtype, at least float32
         g = g.astype(dtype)
         coefficients = jnp.einsum("bmn,bn->bm", u.astype(dtype), g)
         return g + jnp.einsum("bmn,bm->bn", v.astype(dtype), coefficients)

@@ -10,7 +10,7 @@ import lineax as lx
 import banax
 from banax import FlatSolution
 
-from ._backward import widened
+from ._backward import real_form, widened
 from ._validation import check_solver
 
 
@@ -96,11 +96,13 @@ class Implicit(banax.LinearSolveAdjoint):
         if isinstance(self.b_solver, banax.Solver):
             sol = banax.solve_flat(self.b_solver, lambda lam: g + vjp(lam), g, budget)
             return sol.z, banax.BackwardStats.from_flat(sol.result, sol.stats)
+        # Complex states in real form: f's VJP may be only real-linear.
+        vjp_r, g_r, back = real_form(vjp, g)
         operator = lx.FunctionLinearOperator(
-            lambda v: v - vjp(v), jax.eval_shape(lambda: g)
+            lambda v: v - vjp_r(v), jax.eval_shape(lambda: g_r)
         )
-        sol = lx.linear_solve(operator, g, self.b_solver, throw=False)
-        lam = sol.value
+        sol = lx.linear_solve(operator, g_r, self.b_solver, throw=False)
+        lam = back(sol.value)
         # lineax solves the whole batch as one system: one result and step count.
         abs_err, rel_err = banax.residual_norms(lam, g + vjp(lam))
         ended = lambda r: jnp.broadcast_to(sol.result == r, abs_err.shape)  # noqa: E731
