@@ -41,6 +41,20 @@ class Solver(eqx.Module, Generic[SolverState]):
         still called once on the whole batch. Converged samples are frozen.
     - `keep_best`: return each sample's lowest-residual iterate instead of the last.
 
+    **Precision.** Residuals and solver histories are kept in
+    `banax.working_dtype` of the state (float32 for float16/bfloat16), but the iterate
+    is stored in the state's dtype, whose rounding leaves a relative residual of a
+    fraction of its machine epsilon `ε`. A tolerance finer than that cannot be met: when
+    every enabled test is below `banax.reachable_tolerances(dtype, N)` — `rtol < ε`,
+    `atol < ε √N` for `N` entries of order one per sample (bfloat16: `ε = 2⁻⁷ ≈ 0.0078`;
+    float16: `9.8e-4`; float32: `1.2e-7`) — the loop warns with a
+    `banax.BanaxPrecisionWarning` at trace time, naming the reachable values. Nothing is
+    clamped: the solve runs as asked.
+
+    **Complex states** (complex64/complex128) work with Picard, Relaxed, Anderson and
+    Broyden: inner products are Hermitian (`⟨a, b⟩ = Σ conj(a) b`) and residuals use
+    `|·|²`, with real float32/float64 statistics.
+
     **Writing a solver.** Subclass, add your options as fields (with defaults), and
     implement `init` and `step`. Both see the state as a flat array `z` of shape
     `(B, N)`: `B` samples (1 outside batch mode) of `N` features. Reduce over the last

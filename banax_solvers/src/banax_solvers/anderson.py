@@ -98,7 +98,8 @@ class Anderson(Solver[AndersonState]):
 
     `α = argmin ‖Σ_i α_i r_i‖²` subject to `Σ_i α_i = 1`,
 
-    with the Gram matrix `G_ij = ⟨r_i, r_j⟩`, and moves to
+    with the Gram matrix `G_ij = ⟨r_i, r_j⟩` (Hermitian, and `α` complex, for complex
+    states), and moves to
 
     `z ← Σ_i α_i ((1 − β) z_i + β f(z_i))`.
 
