@@ -26,8 +26,8 @@ class ReversibleState(eqx.Module):
     - `y`: the second sequence, `(B, N)` in the state's dtype.
     - `y_int`, `z_int`: both sequences as integers, `(B, N)`: `y = y_int / scale`.
     - `scale`: `2^s`, grid points per unit, `(B, 1)`, fixed per sample at `init`.
-    - `remainders`, `z0`, `k`: only when recording (else None): the digits each step
-        drops, `(B, max_steps, N)`, the initial iterate, and the number of steps taken.
+    - `remainders`, `z0`, `k`: only when recording (else None): what undoing each
+        step needs, `(B, max_steps, N)`, the initial iterate, and the steps taken.
     """
 
     y: Flat
@@ -116,10 +116,14 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
     `DIVERGED`, never a wrapped value.
 
     **Recording.** `record=True` (which the reversible adjoint sets itself, through
-    `recording()`) keeps both digits of every step in a `(B, max_steps, N)` buffer:
-    8 bits per element per step when `d ≤ 16` (`damp` = 0.5, 0.6, 0.75, 0.8, 0.9...),
-    16 bits when `d ≤ 256`, against 64 (float32) or 128 (float64) for storing both
-    sequences' trajectories. `inverse_map` needs it.
+    `recording()`) keeps, for every step, element and sequence, the digit and the low
+    bits of the `f` value the step used (counted in ulps; the backward pass may
+    evaluate `f` a few ulps differently, and these bits let the inverse recover the
+    forward's value), in a `(B, max_steps, N)` buffer: 16 bits per element per step
+    when `d ≤ 16` (`damp` = 0.5, 0.6, 0.75, 0.8, 0.9...; for 0.8, 5 low bits, so up to
+    ±16 ulps are corrected), 32 bits when `d ≤ 256`, against 64 (float32) or 128
+    (float64) for storing both sequences' trajectories. `inverse_map` needs it; a
+    rewind that still does not land on `z0` ends in NaN.
 
     A poor choice when you do not need the reversible adjoint: it costs two evaluations
     of `f` per step and converges like `Relaxed`. Not for complex states.
