@@ -17,6 +17,7 @@ from ._adjoint import (
 )
 from ._deq import DEQ
 from ._spectral_radius import spectral_radius
+from ._trajectory import evenly_spaced, trajectory, trajectory_loss
 from ._warm_start import FixedPointCache, initial_guess_loss
 from ._fspec import BoundFunction, FSpec, bind
 from ._layout import Layout
@@ -84,7 +85,8 @@ __all__ = [
     "hookspecs", "iterate", "make_problem", "normalise_options", "plugin_failures",
     "register_plugin", "registrations", "regularization", "residual_norms", "solve",
     "solve_flat", "solver", "trace_count", "trace_history", "trace_last",
-    "FixedPointCache", "initial_guess_loss", "spectral_radius", "trace_last_aux",
+    "FixedPointCache", "evenly_spaced", "initial_guess_loss", "spectral_radius",
+    "trajectory", "trajectory_loss", "trace_last_aux",
     "unregister_plugin", "utils", "working_dtype", "zeros_like",
     "BanaxPrecisionWarning", "reachable_tolerances", "squared_norms", "stats_dtype",
 ]
