@@ -6,12 +6,18 @@ defined) and nothing leaks between pages. Each block is compiled under the page'
 name with its lines kept where they are on the page, so a traceback points at the line
 of the Markdown file. On the first failure it prints the page, the block's first line
 and the traceback to stderr, and exits with status 1.
+
+A warning that banax itself issues (a tolerance the dtype cannot reach, a backward
+solve that did not converge, ...) fails the page too: an example that warns teaches a
+configuration that does not work. A block that shows a warning on purpose catches it
+(`warnings.catch_warnings`).
 """
 
 import re
 import sys
 import textwrap
 import traceback
+import warnings
 from pathlib import Path
 
 # An opening fence may be indented (a block inside a list item); its closing fence
@@ -40,9 +46,27 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
     return blocks
 
 
+def from_banax(category: type[Warning]) -> bool:
+    """Whether a warning is one of banax's own kinds (not JAX's or Python's)."""
+    package = category.__module__.split(".")[0]
+    return package == "banax" or package.startswith("banax_")
+
+
 def main(page: str) -> int:
     namespace = {"__name__": "__main__"}
+    banax_warnings: list[str] = []
+    current = [0]  # the line of the block that is running
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if from_banax(category):
+            banax_warnings.append(
+                f"the block at line {current[0]}: {category.__name__}: {message}")
+        show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = record
     for line, code in python_blocks(Path(page).read_text(encoding="utf-8")):
+        current[0] = line
         # Leading newlines keep the page's line numbers in tracebacks.
         source = "\n" * (line - 1) + code
         try:
@@ -52,6 +76,9 @@ def main(page: str) -> int:
             # From the page's frame on: this runner's own frame says nothing.
             traceback.print_exception(type(error), error, error.__traceback__.tb_next)
             return 1
+    if banax_warnings:
+        print(f"{page}: banax warned:\n" + "\n".join(banax_warnings), file=sys.stderr)
+        return 1
     return 0
 
 

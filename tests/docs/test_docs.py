@@ -91,3 +91,17 @@ def test_a_failing_block_names_the_page_and_its_line(tmp_path):
     assert f"{page}: the block at line 10 failed" in run.stderr
     assert f'File "{page}", line 11' in run.stderr  # the page's own line of `z = w`
     assert "NameError: name 'w' is not defined" in run.stderr
+
+
+def test_a_warning_of_banax_fails_the_page_and_others_do_not(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nimport warnings\nimport banax\nwarnings.warn('not ours', UserWarning)\n```"
+        "\n\n```python\nwarnings.warn('tolerance too fine', banax.BanaxPrecisionWarning)\n```\n"
+    )
+    run = subprocess.run([sys.executable, str(RUNNER), str(page)], capture_output=True,
+                         text=True, timeout=120, env=reader_env())
+    assert run.returncode == 1
+    assert "banax warned:\nthe block at line 8: BanaxPrecisionWarning: tolerance too fine" \
+        in run.stderr
+    assert "not ours" not in run.stderr.split("banax warned:")[1]
