@@ -15,11 +15,11 @@ Rewinding the floating-point iteration instead gave 6e-3 / 3.9e-2 / 5.1e-2 (floa
 and 5e-5 / 2.1e-3 / 4.8e-3 (float64).
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import equinox as eqx
 from helpers import contraction_matrix
 
 import banax

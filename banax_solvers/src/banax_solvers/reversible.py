@@ -43,7 +43,7 @@ def _grid(dtype: Any) -> tuple[Any, Any, int]:
     """`(float dtype, integer dtype, bits)` of the grid for a state of `dtype`.
 
     A sample's initial values (`z0` and `f(z0)`) use `bits` bits of the integer and
-    leave the rest as headroom, up to `2^(w − 2)` for a `w`-bit integer (so a step's
+    leave the rest as headroom, up to `2^(w − 3)` for a `w`-bit integer (so a step's
     sums never wrap): 50 bits and 11 of headroom for float64; for float32, float16 and
     bfloat16 (all on a float32 grid) 24 bits and 37 of headroom with int64 (x64
     enabled), else 23 bits and 6 of headroom with int32.
@@ -78,7 +78,8 @@ def _unordered(key: Ints, dtype: Any) -> Flat:
 
 
 def _same_width_int(dtype: Any) -> Any:
-    return {1: jnp.int8, 2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[jnp.dtype(dtype).itemsize]
+    widths = {1: jnp.int8, 2: jnp.int16, 4: jnp.int32, 8: jnp.int64}
+    return widths[jnp.dtype(dtype).itemsize]
 
 
 def _quantize(v: Float[Array, "batch features"], scale: Float[Array, "batch 1"],
@@ -146,7 +147,7 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
             why="; running the reversible step backwards divides by 1 - damp",
         )
         check_bool(self, "record")
-        ratio = Fraction(float(self.damp)).limit_denominator(MAX_DENOMINATOR)
+        ratio = self._fraction
         if float(ratio) != float(self.damp):
             raise ValueError(
                 f"Reversible: damp must be a fraction with denominator at most "
@@ -156,9 +157,14 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
             )
 
     @property
+    def _fraction(self) -> Fraction:
+        """The fraction nearest to `β` with a denominator of at most 256."""
+        return Fraction(float(self.damp)).limit_denominator(MAX_DENOMINATOR)
+
+    @property
     def _ratio(self) -> tuple[int, int]:
         """`(n, d)` with `1 − β = n / d`."""
-        beta = Fraction(float(self.damp)).limit_denominator(MAX_DENOMINATOR)
+        beta = self._fraction
         return beta.denominator - beta.numerator, beta.denominator
 
     @property
