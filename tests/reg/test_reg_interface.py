@@ -109,7 +109,9 @@ def test_pytree_state_per_sample_and_whole(reg_env, pytree_problem, reg):
 
 # -- precisions --------------------------------------------------------------------------
 # f runs in the state's dtype through the same flat map for all three regularizers.
-PRECISIONS = [(SPECTRAL, jnp.float16), (HUTCHINSON, jnp.bfloat16)]
+# Every regularizer in every precision, under the suite's strict dtype and rank promotion.
+PRECISIONS = [(reg, dtype) for reg in REGULARIZERS
+              for dtype in (jnp.float16, jnp.bfloat16, jnp.float32)]
 
 
 @pytest.mark.parametrize("reg, dtype", PRECISIONS,
@@ -228,7 +230,7 @@ def test_invalid_sigma(reg_env, sigma, message):
 @pytest.mark.parametrize(
     "f_spec, x, error, message",
     [
-        (lambda x: x[:2], jnp.ones(3), ValueError, "same pytree structure"),
+        (lambda x: x[:2], jnp.ones(3), ValueError, "same structure"),
         ((jnp.tanh, (), {}, ()), jnp.ones(3), TypeError, "f_spec must be one of"),
         (("tanh", ()), jnp.ones(3), TypeError, "must be callable"),
         (jnp.tanh, jnp.ones(3, jnp.int32), TypeError, "must be floating point"),

@@ -9,8 +9,14 @@ otherwise, so each regularizer is written once for both.
 Each regularizer draws its random vectors before entering its compiled core, which is
 then a deterministic function of them: eager calls of the same shapes share one
 compiled sampler instead of compiling it into every core.
+
+Jacobian products come from `FlatMap.jvp` and `FlatMap.vjp`: forward mode where `f` allows it, and
+otherwise (a cell with a `jax.custom_vjp`, which forbids `jax.jvp`, such as the
+`banax.nn` cells) reverse mode, with `J v` obtained as the transpose of the VJP. Both
+give the same products, so every estimate is the same either way.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -34,9 +40,34 @@ class FlatMap(eqx.Module):
     f: TracedFunction
     z: Flat
     batched: bool = eqx.field(static=True)
+    forward_mode: bool = eqx.field(static=True)
 
     def __call__(self, z: Flat) -> Flat:
         return self.f.evaluate(z).astype(self.z.dtype)
+
+    def jvp(self) -> Callable[[Flat], Flat]:
+        """`v ↦ J v` at `z`: forward mode, or the transpose of a VJP without it."""
+        if self.forward_mode:
+            return jax.linearize(self, self.z)[1]
+
+        def vjp(u: Flat) -> Flat:
+            # Made inside the transposition, the pullback is transposed through the
+            # custom_vjp rule; one made outside would be asked for a derivative of the
+            # rule, which JAX does not have.
+            return jax.vjp(self, self.z)[1](u)[0]
+
+        transposed = jax.linear_transpose(vjp, self.z)
+        return lambda v: transposed(v)[0]
+
+    def vjp(self) -> Callable[[Flat], Flat]:
+        """`u ↦ Jᵀ u` at `z`: the transpose of a linearisation, or a plain VJP."""
+        if self.forward_mode:
+            transposed = jax.linear_transpose(jax.linearize(self, self.z)[1], self.z)
+        else:
+            # Only built when used: an unused pullback of a custom_vjp leaves an
+            # equation that an outer derivative cannot differentiate.
+            transposed = jax.vjp(self, self.z)[1]
+        return lambda u: transposed(u)[0]
 
     @property
     def features(self) -> int:
@@ -78,9 +109,29 @@ def flat_map(f_spec: FSpec, x_star: Any, *, has_aux: bool, batch_axis: int | Non
             "and support real floating-point states only. Split a complex state into "
             "its real and imaginary parts."
         )
-    dtype = jnp.promote_types(layout.dtype, jnp.float32)
+    # At least float32, without implicit promotion (strict promotion refuses it).
+    dtype = layout.dtype if jnp.finfo(layout.dtype).bits >= 32 else jnp.float32
     z = jax.lax.stop_gradient(problem.z0).astype(dtype)
-    return FlatMap(problem.f, z, layout.batched)
+    return FlatMap(problem.f, z, layout.batched, _has_forward_mode(problem.f, z))
+
+
+def _has_forward_mode(f: TracedFunction, z: Flat) -> bool:
+    """Whether `jax.jvp` applies to `f`: not when it calls a `jax.custom_vjp`. (JAX only
+    refuses such a JVP when it is lowered, so the check reads `f`'s jaxpr.)"""
+    jaxpr = jax.make_jaxpr(FlatMap(f, z, False, True))(z).jaxpr
+    return not _calls_custom_vjp(jaxpr)
+
+
+def _calls_custom_vjp(jaxpr: Any) -> bool:
+    for eqn in jaxpr.eqns:
+        if "custom_vjp" in eqn.primitive.name:
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _calls_custom_vjp(inner):
+                    return True
+    return False
 
 
 def sq_norms(u: Flat) -> Float[Array, " batch"]:

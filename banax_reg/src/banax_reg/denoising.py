@@ -74,5 +74,6 @@ def _check_sigma(sigma: Any) -> None:
 @eqx.filter_jit
 def _denoising(fmap: FlatMap, noise: Float[Array, "draws batch features"],
                sigma: Float[Array, ""]) -> Array:
-    denoised = jax.vmap(fmap)(fmap.z + sigma.astype(fmap.z.dtype) * noise)
-    return fmap.output(jnp.mean(sq_norms(denoised - fmap.z), axis=0) / fmap.features)
+    z = jnp.broadcast_to(fmap.z, noise.shape)
+    denoised = jax.vmap(fmap)(z + sigma.astype(z.dtype) * noise)
+    return fmap.output(jnp.mean(sq_norms(denoised - z), axis=0) / fmap.features)

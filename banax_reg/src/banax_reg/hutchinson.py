@@ -34,7 +34,9 @@ def hutchinson_jacobian_frobenius(
     otherwise.
 
     Cost: one evaluation of `f` and `n_steps` JVPs, run as one batched JVP (memory
-    grows with `n_steps`); gradients add one VJP of that.
+    grows with `n_steps`); gradients add one VJP of that. For an `f` without forward
+    mode (a `jax.custom_vjp` inside, as in the `banax.nn` cells) each `J ε` is the
+    transpose of a VJP instead: the same estimate, from reverse mode.
 
     **Arguments:**
 
@@ -60,6 +62,6 @@ def hutchinson_jacobian_frobenius(
 
 @eqx.filter_jit
 def _hutchinson(fmap: FlatMap, probes: Float[Array, "probes batch features"]) -> Array:
-    # Only the tangents are batched, so f itself is evaluated once.
-    jvps = jax.vmap(lambda e: jax.jvp(fmap, (fmap.z,), (e,))[1])(probes)
+    # One linearisation, then only the probes are batched: f is evaluated once.
+    jvps = jax.vmap(fmap.jvp())(probes)
     return fmap.output(jnp.mean(sq_norms(jvps), axis=0) / fmap.features)

@@ -33,7 +33,9 @@ def jacobian_spectral_norm(
     `σ_max` once the iteration has converged. `x*` is held constant.
 
     Cost: one linearisation of `f` (one evaluation), `n_steps` JVP + VJP pairs without
-    gradient tracking, then one differentiable evaluation + JVP.
+    gradient tracking, then one differentiable evaluation + JVP. For an `f` without
+    forward mode (a `jax.custom_vjp` inside, as in the `banax.nn` cells) the
+    linearisation is a VJP and `J v` its transpose: the same iteration and estimate.
 
     **Arguments:**
 
@@ -67,13 +69,12 @@ def _normalize(w: Flat, fallback: Flat) -> Flat:
 
 @eqx.filter_jit
 def _spectral_norm(fmap: FlatMap, v0: Flat, n_steps: int) -> Array:
-    _, jvp = jax.linearize(fmap.frozen(), fmap.z)
-    vjp = jax.linear_transpose(jvp, fmap.z)
+    frozen = fmap.frozen()
+    jvp, vjp = frozen.jvp(), frozen.vjp()
 
     def power_step(_: Any, v: Flat) -> Flat:
-        (w,) = vjp(jvp(v))
-        return _normalize(w, v)
+        return _normalize(vjp(jvp(v)), v)
 
     v = jax.lax.fori_loop(0, n_steps, power_step, _normalize(v0, v0))
-    _, jv = jax.jvp(fmap, (fmap.z,), (jax.lax.stop_gradient(v),))
+    jv = fmap.jvp()(jax.lax.stop_gradient(v))
     return fmap.output(norms(jv))
