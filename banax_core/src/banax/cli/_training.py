@@ -1,0 +1,182 @@
+"""The training loop shared by `banax demo` and `banax bench --task mnist`.
+
+A model here is an `eqx.Module` with a `deq` (a `banax.DEQ` in batch mode on axis 0),
+an `inject(images)` giving the DEQ's input, and `__call__(images, backward_probe)`
+returning `(logits, solution)`. Each step reports the forward solve's statistics from
+its `Solution` and the backward solve's from a `banax.BackwardStats` probe, all inside
+the one compiled step.
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from .._solution import BackwardStats, Result
+from ..utils import trace_history
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """Training and test inputs (batch first, float32) and int32 labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def optimizer(steps: int, peak_lr: float = 3e-3) -> Any:
+    """AdamW (weight decay 1e-4) on a one-cycle learning-rate schedule over `steps`."""
+    import optax
+
+    return optax.adamw(optax.cosine_onecycle_schedule(steps, peak_lr), weight_decay=1e-4)
+
+
+def cross_entropy(logits: Float[Array, "n classes"], labels: Int[Array, " n"]) -> Array:
+    log_p = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
+
+
+def loss_and_stats(model: Any, probe: BackwardStats, x: Array, y: Array) -> Any:
+    """The loss and the forward solve's `Stats`; differentiate with respect to
+    `probe` too to receive the backward solve's `BackwardStats`."""
+    logits, solution = model(x, backward_probe=probe)
+    return cross_entropy(logits, y), solution.stats
+
+
+def make_train_step(optimizer: Any) -> Callable[..., Any]:
+    """`step(model, opt_state, x, y) -> (model, opt_state, metrics)`, compiled.
+
+    `metrics`: the batch loss; the batch means of the forward solve's steps and
+    residual `‖f(z) − z‖` and of the backward solve's; and the fraction of samples
+    whose backward solve did not converge.
+    """
+
+    @eqx.filter_jit
+    def step(model, opt_state, x, y):
+        probe = BackwardStats.probe(batch_size=x.shape[0])
+        grad_fn = eqx.filter_value_and_grad(
+            lambda mp: loss_and_stats(mp[0], mp[1], x, y), has_aux=True
+        )
+        (loss, stats), (grads, backward) = grad_fn((model, probe))
+        params = eqx.filter(model, eqx.is_inexact_array)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        metrics = {
+            "loss": loss.astype(jnp.float32),
+            "f_steps": jnp.mean(stats.steps.astype(jnp.float32)),
+            "f_residual": jnp.mean(stats.abs_err.astype(jnp.float32)),
+            "b_steps": jnp.mean(backward.steps),
+            "b_residual": jnp.mean(backward.abs_err),
+            "b_failed": jnp.mean(
+                (backward.result_codes() != Result.CONVERGED).astype(jnp.float32)
+            ),
+        }
+        return eqx.apply_updates(model, updates), opt_state, metrics
+
+    return step
+
+
+@eqx.filter_jit
+def _predict(model: Any, x: Array) -> Array:
+    logits, _ = model(x)
+    return jnp.argmax(logits, axis=1)
+
+
+def accuracy(model: Any, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
+    """The fraction of `x` classified as `y`, evaluated `batch` images at a time."""
+    correct = 0
+    for i in range(0, len(y), batch):
+        classes = _predict(model, jnp.asarray(x[i:i + batch]))
+        correct += int(np.sum(np.asarray(classes) == y[i:i + batch]))
+    return correct / len(y)
+
+
+@dataclasses.dataclass(frozen=True)
+class Epoch:
+    """One epoch's means over its steps, the test accuracy after it, and the seconds
+    spent training so far, wall clock and process CPU (evaluation excluded)."""
+
+    epoch: int
+    loss: float
+    f_steps: float
+    f_residual: float
+    b_steps: float
+    b_residual: float
+    b_failed: float
+    test_accuracy: float
+    wall_s: float
+    cpu_s: float
+
+
+def _batches(data: Data, batch: int, rng: np.random.Generator,
+             augment: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+             ) -> Iterator[tuple[Array, Array]]:
+    """One epoch of shuffled full batches (a ragged last batch would recompile)."""
+    order = rng.permutation(len(data.y_train))
+    for i in range(len(order) // batch):
+        idx = order[i * batch:(i + 1) * batch]
+        yield jnp.asarray(augment(data.x_train[idx], rng)), jnp.asarray(data.y_train[idx])
+
+
+def train(
+    model: Any, data: Data, optimizer: Any, *, epochs: int, batch: int, seed: int = 0,
+    augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] = lambda x, rng: x,
+    on_step: Callable[[], None] = lambda: None,
+    on_epoch: Callable[[Epoch], None] = lambda record: None,
+) -> tuple[Any, list[Epoch]]:
+    """Train `model` on `data` for `epochs`; returns it and the per-epoch records.
+
+    `on_step` runs after every step (a progress bar), `on_epoch` after every epoch.
+    """
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step = make_train_step(optimizer)
+    rng = np.random.default_rng(seed)
+    steps_per_epoch = len(data.y_train) // batch
+    history: list[Epoch] = []
+    wall = cpu = 0.0
+    for epoch in range(1, epochs + 1):
+        totals: dict[str, float] = {}
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for x, y in _batches(data, batch, rng, augment):
+            model, opt_state, metrics = step(model, opt_state, x, y)
+            for name, value in jax.device_get(metrics).items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+            on_step()
+        wall += time.perf_counter() - start
+        cpu += time.process_time() - start_cpu
+        means = {name: total / steps_per_epoch for name, total in totals.items()}
+        record = Epoch(epoch, **means, test_accuracy=accuracy(model, data.x_test, data.y_test),
+                       wall_s=wall, cpu_s=cpu)
+        history.append(record)
+        on_epoch(record)
+    return model, history
+
+
+def residual_histories(model: Any, images: Array) -> np.ndarray:
+    """Each image's residual `‖f(z) − z‖` at every evaluation of the cell, `(n, evals)`.
+
+    The batch is solved as in training; a sample that has converged is frozen, so its
+    residual stays at its final value for the rest of the solve.
+    """
+    per_sample = lambda z, fz, aux: jnp.linalg.norm(  # noqa: E731
+        (fz - z).reshape(z.shape[0], -1), axis=1
+    )
+    # Line-search solvers evaluate the cell more than once per step.
+    trace = trace_history(per_sample, n_evals=2 * model.deq.solver.max_steps + 1,
+                          init_value=jnp.zeros(images.shape[0], jnp.float32))
+
+    @eqx.filter_jit
+    def traces(model, images):
+        # The weights come in as arguments: closed over, XLA would constant-fold them.
+        _, solution = model.deq(model.inject(images), trace=trace, return_solution=True)
+        return solution.trace
+
+    count, history = jax.device_get(traces(model, images))
+    return np.asarray(history[: min(int(count), history.shape[0])]).T
