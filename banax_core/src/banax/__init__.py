@@ -6,7 +6,7 @@ through the `banax` entry-point group the first time a name is looked up.
 
 from importlib import metadata as _metadata
 
-from . import adjoint, hookspecs, regularization, solver, utils
+from . import adjoint, hookspecs, nn, regularization, solver, utils
 from ._adjoint import (
     Adjoint,
     BackwardRuleAdjoint,
