@@ -4,8 +4,9 @@ Run: `python benchmarks/cells.py --help`. Each cell solves `z* = cell(z*, x)` in
 mode (`batch_axis=0`) inside a `banax.DEQ` and takes one training step: the forward
 solve plus the adjoint's backward pass, giving the gradient of `mean(z*²)` with respect
 to the cell's arrays. Both versions of a cell hold the same weights, run the same
-solver with the same tolerance for a fixed number of steps (`--steps`, tolerance 0, so
-they do equal work), and are timed interleaved, one call each per round, after a
+solver (Anderson; the reversible solver for the reversible adjoint) for a fixed number of
+steps (`--steps`, tolerance 0, so they do equal work; the implicit backward runs Picard for
+as many steps), and are timed interleaved, one call each per round, after a
 warm-up call; the table shows the median and range over `--repeats` rounds.
 
 - `conv`: `banax.nn.ConvCell` (channels last, `banax.nn.conv2d`) against the same block
@@ -48,6 +49,9 @@ ADJOINTS = {
     "jfb": lambda solver: {"name": "jfb", "solver": solver},
     "bptt": lambda solver: {"name": "bptt", "solver": eqx.tree_at(
         lambda s: s.loop_kind, solver, "checkpointed")},
+    # The reversible adjoint needs the reversible solver, with the same step budget.
+    "reversible": lambda solver: {"name": "reversible", "solver": banax.get_solver(
+        "reversible", rtol=0.0, atol=0.0, max_steps=solver.max_steps, batch_axis=0)},
 }
 
 
