@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import equinox as eqx
 import jax
 import numpy as np
 
@@ -34,8 +35,6 @@ def page_program() -> dict[str, Any]:
 
 def arrays(model: Any, loss: Any, grads: Any) -> dict[str, np.ndarray]:
     """The arrays the test compares, as numpy, under stable names."""
-    import equinox as eqx
-
     leaves = {"loss": np.asarray(loss)}
     for label, tree in (("grads", grads), ("model", model)):
         for i, leaf in enumerate(jax.tree.leaves(eqx.filter(tree, eqx.is_array))):
