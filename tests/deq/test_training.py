@@ -43,7 +43,8 @@ def test_training_lowers_the_loss_and_the_regularizer_acts():
             return loss + weight * jnp.mean(penalty), loss
 
         (_, loss), grads = eqx.filter_value_and_grad(objective, has_aux=True)(model)
-        updates, opt_state = optimizer.update(grads, opt_state)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 counts in
+            updates, opt_state = optimizer.update(grads, opt_state)
         return eqx.apply_updates(model, updates), opt_state, loss
 
     def train(weight: float) -> tuple[Regressor, list[float]]:
