@@ -142,6 +142,19 @@ def _freeze(active: Bool[Array, " batch"], new: Any, old: Any) -> Any:
     return jax.tree.map(pick, new, old)
 
 
+def _freeze_all(running: Bool[Array, ""], new: Any, old: Any, scalars_only: bool = False
+                ) -> Any:
+    """`new` if `running`, else `old`, leaf by leaf: for what has no batch axis (the
+    trace, and with `scalars_only` the scalar leaves of a solver state)."""
+
+    def pick(n: Any, o: Any) -> Any:
+        if not eqx.is_array(n) or (scalars_only and n.ndim > 0):
+            return n
+        return jnp.where(running, n, o)
+
+    return jax.tree.map(pick, new, old)
+
+
 def check_step_budget(
     step_budget: Any, name: str = "step_budget"
 ) -> Int[Array, ""] | None:
@@ -205,15 +218,29 @@ def iterate(
     def cond(c: _Carry) -> Bool[Array, ""]:
         return (c.k < budget) & ~jnp.all(c.done)
 
-    def body(c: _Carry) -> _Carry:
+    every = solver.check_every
+    # With `check_every > 1` the loop's condition runs once per `every` steps, so the
+    # steps past the stopping point (or the budget) are masked: a sample freezes as
+    # soon as it stops, and the scalars and the trace freeze once no sample is left.
+    gated = every > 1
+
+    def advance(c: _Carry) -> _Carry:
         z, fz, state, trace = solver.step(f, c.z, c.fz, c.state, c.trace)
         abs_err, rel_err = residual_norms(z, fz)
         active = ~c.done
-        if per_sample:
+        if gated:
+            active = active & (c.k < budget)
+        if per_sample or gated:
             z, fz, state, abs_err, rel_err = _freeze(
                 active, (z, fz, state, abs_err, rel_err),
                 (c.z, c.fz, c.state, c.abs_err, c.rel_err),
             )
+        if gated:
+            # The per-sample arrays are frozen above; a solver's scalars (a history
+            # counter) and the trace are shared by all samples.
+            running = jnp.any(active)
+            state = _freeze_all(running, state, c.state, scalars_only=True)
+            trace = _freeze_all(running, trace, c.trace)
         bad = ~jnp.isfinite(abs_err)
         best = c.best
         if solver.keep_best:
@@ -233,11 +260,17 @@ def iterate(
             best=best,
         )
 
+    def body(c: _Carry) -> _Carry:
+        for _ in range(every):
+            c = advance(c)
+        return c
+
     if solver.loop_kind == "lax":
         final = jax.lax.while_loop(cond, body, init)
     else:
         final = eqxi.while_loop(
-            cond, body, init, max_steps=solver.max_steps, kind=solver.loop_kind
+            cond, body, init, max_steps=-(-solver.max_steps // every),
+            kind=solver.loop_kind,
         )
 
     z, fz, abs_err, rel_err = final.z, final.fz, final.abs_err, final.rel_err
