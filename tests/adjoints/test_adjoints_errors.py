@@ -118,3 +118,12 @@ def test_registry_builds_every_adjoint_from_nested_specs():
     assert neumann.damp == 0.5 and neumann.b_solver.max_steps == 4
     gmres = lx.GMRES(rtol=1e-6, atol=1e-6)
     assert banax.get_adjoint("implicit", solver="picard", b_solver=gmres).b_solver is gmres
+
+
+@pytest.mark.parametrize("option", ["rtol", "atol"])
+def test_lineax_b_solver_tolerances_are_checked(option):
+    import lineax as lx
+
+    tolerances = {"rtol": 1e-6, "atol": 1e-6, option: float("nan")}
+    with pytest.raises(ValueError, match=f"b_solver GMRES: {option} must be a non-negative"):
+        banax.get_adjoint("implicit", solver="picard", b_solver=lx.GMRES(**tolerances))

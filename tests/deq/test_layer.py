@@ -161,3 +161,31 @@ def test_construction_errors(cell):
         DEQ(cell, "andersen", "jfb", state_shape=(N,))
     with pytest.raises(banax.UnknownNameError, match="Registered adjoints: .*implicit"):
         DEQ(cell, "anderson", "implict", state_shape=(N,))
+
+
+def test_reconfigure_changes_the_solve_and_keeps_the_parameters():
+    """The adjoint is static configuration; `reconfigure` edits it like `eqx.tree_at`, and
+    `dataclasses.replace` swaps it, with the cell's parameters shared."""
+    import dataclasses
+
+    deq = banax.DEQ(
+        lambda z, x: 0.5 * jnp.tanh(z + x),
+        solver={"name": "picard", "rtol": 1e-3},
+        adjoint={"name": "implicit"},
+        state_shape=(4,),
+        inference_settings={"max_steps": 7},
+    )
+    x = jnp.linspace(-1.0, 1.0, 4)
+    _, coarse = deq(x, return_solution=True)
+    tight = deq.reconfigure(lambda a: a.solver.rtol, 1e-10)
+    _, fine = tight(x, return_solution=True)
+    assert tight.solver.rtol == 1e-10 and deq.solver.rtol == 1e-3
+    assert int(fine.stats.steps) > int(coarse.stats.steps)
+    assert float(fine.stats.rel_err) <= 1e-10
+    swapped = dataclasses.replace(deq, adjoint=banax.get_adjoint(
+        "jfb", solver=banax.get_solver("anderson", rtol=1e-8)))
+    assert type(swapped.adjoint).__name__ == "JFB"
+    assert swapped.inference_settings == deq.inference_settings
+    assert jnp.allclose(swapped(x), tight(x), atol=1e-7)
+    with pytest.raises(ValueError, match="rtol"):
+        deq.reconfigure(lambda a: a.solver.rtol, -1.0)(x)

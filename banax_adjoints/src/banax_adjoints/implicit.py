@@ -84,6 +84,14 @@ class Implicit(banax.LinearSolveAdjoint):
                 "banax.get_solver('picard', rtol=1e-8)) or a lineax linear solver (e.g. "
                 f"lineax.GMRES(rtol=1e-6, atol=1e-6)), got {self.b_solver!r}."
             )
+        if isinstance(self.b_solver, lx.AbstractLinearSolver):
+            # lineax does not validate its tolerances: a NaN one never stops the solve.
+            for option in ("rtol", "atol"):
+                if hasattr(self.b_solver, option):
+                    banax.check_real(
+                        f"Implicit: b_solver {type(self.b_solver).__name__}", option,
+                        getattr(self.b_solver, option), low=0.0,
+                    )
 
     def adjoint_solve(
         self,

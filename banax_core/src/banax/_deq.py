@@ -1,5 +1,6 @@
 """`DEQ`: a deep equilibrium layer as an Equinox module."""
 
+import dataclasses
 import inspect
 import numbers
 from collections.abc import Callable, Mapping
@@ -194,6 +195,9 @@ class DEQ(eqx.Module):
                 f"DEQ: check_independence must be True or False, got {check_independence!r}."
             )
         self.check_independence = check_independence
+        if isinstance(inference_settings, tuple):
+            # The stored form, as `dataclasses.replace` passes it back.
+            inference_settings = dict(inference_settings)
         self.inference_settings = tuple(sorted(
             check_inference_options(self.adjoint, inference_settings).items()))
         if not isinstance(inference, bool):
@@ -206,6 +210,18 @@ class DEQ(eqx.Module):
     def solver(self) -> Solver:
         """The forward solver (held by the adjoint)."""
         return self.adjoint.solver
+
+    def reconfigure(self, where: Callable[[Adjoint], Any], replace: Any) -> "DEQ":
+        """A copy of the layer whose adjoint has `where(adjoint)` replaced by `replace`,
+        as `eqx.tree_at` would do; the cell and its parameters are shared.
+
+        The adjoint is configuration held in a static field (so that checkpoints hold
+        only parameters), which `eqx.tree_at` cannot reach through the layer; use this
+        instead, e.g. `deq.reconfigure(lambda a: a.solver.rtol, 1e-6)` or
+        `deq.reconfigure(lambda a: a.b_solver, banax.get_solver("anderson"))`.
+        `dataclasses.replace(deq, adjoint=...)` swaps the whole adjoint.
+        """
+        return dataclasses.replace(self, adjoint=eqx.tree_at(where, self.adjoint, replace))
 
     def f_spec(self, x: PyTree, key: PRNGKeyArray | None = None,
                state: eqx.nn.State | None = None) -> FSpec:
