@@ -60,28 +60,6 @@ def _limit(int_dtype: Any) -> int:
     return 2 ** (jnp.iinfo(int_dtype).bits - 3)
 
 
-def _ordered(x: Flat) -> Ints:
-    """The float `x` as an integer that counts ulps: neighbouring floats give
-    neighbouring integers, across powers of two and zero alike."""
-    bits = jax.lax.bitcast_convert_type(x, _same_width_int(x.dtype))
-    wide = jnp.int64 if bits.dtype == jnp.int64 else jnp.int32
-    lowest = jnp.iinfo(bits.dtype).min
-    return jnp.where(bits >= 0, bits.astype(wide), lowest - bits.astype(wide))
-
-
-def _unordered(key: Ints, dtype: Any) -> Flat:
-    """The float of `dtype` that `_ordered` maps to `key`."""
-    int_dtype = _same_width_int(dtype)
-    lowest = jnp.iinfo(int_dtype).min
-    bits = jnp.where(key >= 0, key, lowest - key).astype(int_dtype)
-    return jax.lax.bitcast_convert_type(bits, dtype)
-
-
-def _same_width_int(dtype: Any) -> Any:
-    widths = {1: jnp.int8, 2: jnp.int16, 4: jnp.int32, 8: jnp.int64}
-    return widths[jnp.dtype(dtype).itemsize]
-
-
 def _quantize(v: Float[Array, "batch features"], scale: Float[Array, "batch 1"],
               int_dtype: Any) -> tuple[Ints, Array]:
     """`round(v · scale)` and whether it is in range (False for NaN and infinities)."""
@@ -118,13 +96,15 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
 
     **Recording.** `record=True` (which the reversible adjoint sets itself, through
     `recording()`) keeps, for every step, element and sequence, the digit and the low
-    bits of the `f` value the step used (counted in ulps; the backward pass may
-    evaluate `f` a few ulps differently, and these bits let the inverse recover the
-    forward's value), in a `(B, max_steps, N)` buffer: 16 bits per element per step
-    when `d ≤ 16` (`damp` = 0.5, 0.6, 0.75, 0.8, 0.9...; for 0.8, 5 low bits, so up to
-    ±16 ulps are corrected), 32 bits when `d ≤ 256`, against 64 (float32) or 128
-    (float64) for storing both sequences' trajectories. `inverse_map` needs it; a
-    rewind that still does not land on `z0` ends in NaN.
+    bits of the rounded `β f` the step added, in grid units, in a `(B, max_steps, N)`
+    uint32 buffer: 32 bits per element per step (16 per sequence), against 64
+    (float32) or 128 (float64) for storing both sequences' trajectories. The backward
+    pass evaluates `f` in another compiled program and may get it a few ulps of the
+    state's size differently; these bits let the inverse recover the forward's rounded
+    value when its own is within ±4096 grid units (13 bits, `damp` = 0.8), ±128 for a
+    denominator of 256. `inverse_map` needs the recording; a rewind that still does
+    not land on `z0` raises an error naming the fix rather than giving a wrong
+    gradient.
 
     A poor choice when you do not need the reversible adjoint: it costs two evaluations
     of `f` per step and converges like `Relaxed`. Not for complex states.
@@ -168,25 +148,24 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         return beta.denominator - beta.numerator, beta.denominator
 
     @property
-    def _code_bits(self) -> int:
-        """Bits recorded per element, step and sequence: 8 when `d ≤ 16`, else 16."""
-        return 8 if self._ratio[1] <= 16 else 16
-
-    @property
     def _check_bits(self) -> int:
-        """Low bits of each `f(b)` (counted in ulps, see `_ordered`) recorded beside the
-        digit: what the digit leaves of `_code_bits` (5 for d = 5).
+        """Low bits of each step's `round(β f(b) · 2^s)` (in grid units) recorded beside
+        the digit, so that one sequence's step fits 16 bits: 13 for d = 5, 8 for d = 256.
 
-        The backward pass may evaluate `f` a few ulps differently from the forward
-        (XLA compiles the two loops separately, e.g. with other dot kernels). With
-        these bits the inverse recovers the forward's `f(b)` exactly when its own is
-        within `±2^(bits − 1)` ulps, so the rewind stays exact."""
-        return self._code_bits - (self._ratio[1] - 1).bit_length()
+        The backward pass evaluates `f` in another compiled program (other fusion,
+        reduction order, convolution algorithm), so its `f(b)` may differ from the
+        forward's by a few ulps of the state's magnitude. With these bits the inverse
+        recovers the forward's rounded value exactly when its own is within
+        `±2^(bits − 1)` grid units (a grid unit is 2^-24 of a sample's initial size
+        in float32, 2^-50 in float64). Grid units, not ulps of `f(b)`: a reduction's
+        error scales with its terms, so an `f` element near 0 can be millions of its
+        own ulps off while on the grid it is a few units."""
+        return 16 - (self._ratio[1] - 1).bit_length()
 
     @property
     def _code_size(self) -> int:
         """What one sequence's step records, `(digit, low bits of round(β f))`, is a
-        number below this."""
+        number below this (at most 2^16)."""
         return self._ratio[1] * 2**self._check_bits
 
     def recording(self) -> "Reversible":
@@ -213,8 +192,8 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         z_int, _ = _quantize(z0.astype(work), scale, int_dtype)
         remainders, k, start = None, None, None
         if self.record:
-            codes = jnp.uint16 if self._code_bits == 8 else jnp.uint32
-            remainders = jnp.zeros((z0.shape[0], self.max_steps, z0.shape[1]), codes)
+            remainders = jnp.zeros((z0.shape[0], self.max_steps, z0.shape[1]),
+                                   jnp.uint32)
             k, start = jnp.asarray(0), z0
         return ReversibleState(y=z0, y_int=z_int, z_int=z_int, scale=scale,
                                remainders=remainders, z0=start, k=k)
@@ -239,8 +218,7 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         new = jnp.where(ok, new, limit + 1)
         value = jnp.where(ok, self._to_float(new, scale, a.dtype), jnp.nan)
         ideal = damped(a, fb, self.damp)
-        low = _ordered(fb).astype(int_dtype) % 2**self._check_bits
-        code = (t % d) * 2**self._check_bits + low
+        code = (t % d) + d * (q % 2**self._check_bits)
         return new, value + (ideal - jax.lax.stop_gradient(ideal)), code
 
     def _unrelax(self, new: Ints, fb: Flat, scale: Float[Array, "batch 1"],
@@ -248,11 +226,11 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         """The `a_int` that `_relax(a_int, ·, fb, scale)` maps to `new` with `code`."""
         n, d = self._ratio
         bits = self._check_bits
-        digit, low = code // 2**bits, code % 2**bits
-        # The forward's f(b) is the float nearest to this one with its low bits.
-        key, half = _ordered(fb).astype(code.dtype), 2 ** (bits - 1)
-        fb = _unordered(key + (low - key + half) % 2**bits - half, fb.dtype)
-        q, _ = _quantize(self.damp * fb.astype(scale.dtype), scale, new.dtype)
+        digit, low = code % d, code // d
+        # The forward's round(β f(b)) is the integer nearest to ours with its low bits.
+        own, _ = _quantize(self.damp * fb.astype(scale.dtype), scale, new.dtype)
+        half = 2 ** (bits - 1)
+        q = own + (low - own + half) % 2**bits - half
         # a n = R d + digit − ⌊d/2⌋ with R = new − q = c n + e, so that
         # a = c d + (e d + digit − ⌊d/2⌋) / n, exactly and without overflow.
         rounded = new - q
@@ -272,7 +250,8 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         fz_next, trace = f(z_next, trace)
         remainders, k = state.remainders, state.k
         if self.record:
-            codes = (y_code * self._code_size + z_code).astype(remainders.dtype)
+            # One uint32 per element: y's 16-bit code above z's.
+            codes = y_code.astype(jnp.uint32) << 16 | z_code.astype(jnp.uint32)
             remainders = jax.lax.dynamic_update_slice_in_dim(
                 remainders, codes[:, None, :], k, axis=1)
             k = k + 1
@@ -299,21 +278,29 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
                 "Reversible: inverse_map needs the digits recorded by the forward solve; "
                 "run it with solver.recording() (Reversible(record=True))."
             )
-        scale, k, size = state.scale, state.k - 1, self._code_size
-        codes = jax.lax.dynamic_index_in_dim(state.remainders, k, axis=1,
-                                             keepdims=False).astype(state.z_int.dtype)
+        scale, k, int_dtype = state.scale, state.k - 1, state.z_int.dtype
+        codes = jax.lax.dynamic_index_in_dim(state.remainders, k, axis=1, keepdims=False)
+        y_code, z_code = ((c & 0xFFFF).astype(int_dtype) for c in (codes >> 16, codes))
         first = k == 0
         # z_{k+1} came from f(y_{k+1}), y_{k+1} from f(z_k); z_0 need not be on the grid.
-        z_int = self._unrelax(state.z_int, f(state.y), scale, codes % size)
+        z_int = self._unrelax(state.z_int, f(state.y), scale, z_code)
         z_prev = jnp.where(first, state.z0, self._to_float(z_int, scale, z.dtype))
-        y_int = self._unrelax(state.y_int, f(z_prev), scale, codes // size)
+        y_int = self._unrelax(state.y_int, f(z_prev), scale, y_code)
         y_prev = jnp.where(first, state.z0, self._to_float(y_int, scale, z.dtype))
         # Back at the start both sequences must be z0 on the grid. If not (f differed
-        # by more than the correction bits absorb), the start turns NaN, and with it
-        # the gradient: never a silently wrong one.
+        # by more than the recorded bits absorb), fail loudly: never a wrong gradient.
         start, _ = _quantize(state.z0.astype(scale.dtype), scale, z_int.dtype)
-        wrong = first & ((z_int != start) | (y_int != start))
-        z_prev, y_prev = (jnp.where(wrong, jnp.nan, v) for v in (z_prev, y_prev))
+        # A sample that took no step (rewound never) is still at its start.
+        off = lambda a, b: jnp.any(a != b, axis=-1)  # noqa: E731
+        moved = off(state.z_int, start) | off(state.y_int, start)
+        wrong = first & jnp.any(moved & (off(z_int, start) | off(y_int, start)))
+        z_prev = eqx.error_if(
+            z_prev, wrong,
+            f"Reversible: the rewind did not return to z0: the backward pass evaluated "
+            f"f more than {2 ** (self._check_bits - 1)} grid units away from the "
+            f"forward pass, so the recorded steps cannot be undone exactly. Make f "
+            f"deterministic (same dtype and inputs in both passes), or use "
+            f"BPTT(loop_kind='checkpointed') for this cell.")
         state = ReversibleState(
             y=y_prev, y_int=y_int, z_int=z_int, scale=scale,
             remainders=state.remainders, z0=state.z0, k=k,
