@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import contraction_matrix
+from helpers import contraction_matrix, dense_implicit_grad
 from minimal import Direct
 
 import banax
@@ -140,3 +140,56 @@ def test_check_every_gives_the_same_gradient_through_a_bounded_loop(problem):
 def test_check_every_must_be_a_positive_int(value, error, words):
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
         banax.get_solver("picard", check_every=value)
+
+
+# --- the implicit adjoint's warm start (SHINE) -----------------------------------------
+
+
+def _implicit_gradient(warm_start, budget=None):
+    w = contraction_matrix(jax.random.key(2), N, 0.95, symmetric=False)
+    b = jax.random.normal(jax.random.key(3), (N,))
+    c = jax.random.normal(jax.random.key(4), (N,))
+    solver = banax.get_solver("broyden", atol=1e-11, rtol=0.0, max_steps=200,
+                              history_size=2 * N)
+    adjoint = banax.get_adjoint("implicit", solver=solver, warm_start=warm_start,
+                                on_failure="ignore")
+    fn = lambda z, w: jnp.tanh(w @ z + b)  # noqa: E731
+
+    @jax.jit
+    def grads(w, probe):
+        def loss(w, probe):
+            sol = adjoint((fn, w), jnp.zeros(N), backward_probe=probe,
+                          backward_budget=budget)
+            return jnp.dot(c, sol.value), sol.value
+
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(w, probe)
+
+    (g_w, stats), z_star = grads(w, banax.BackwardStats.probe())
+    # The start λ₀ from Broyden's final factors, (I − Jᵀ)⁻¹ ≈ I + Vᵀ U.
+    forward = banax.solve_flat(solver, lambda z: jax.vmap(fn, (0, None))(z, w),
+                               jnp.zeros((1, N)))
+    u, v = solver.inverse_jacobian_factors(forward.state)
+    shine = c + v[0].T @ (u[0] @ c)
+    _, vjp = jax.vjp(lambda th: fn(z_star, th), w)
+    return g_w, stats, dense_implicit_grad(fn, z_star, w, c), vjp(shine)[0]
+
+
+def test_warm_start_keeps_the_implicit_gradient_exact():
+    for warm in (False, True):
+        g, stats, exact, _ = _implicit_gradient(warm)
+        assert stats.result == Result.CONVERGED
+        np.testing.assert_allclose(g, exact, rtol=1e-8, atol=1e-10)
+
+
+def test_warm_start_starts_the_backward_solve_from_the_low_rank_estimate():
+    # With no backward step allowed, λ is the starting point: Broyden's estimate.
+    g, stats, exact, from_shine = _implicit_gradient(True, budget=jnp.array(0))
+    assert stats.steps == 0
+    np.testing.assert_allclose(g, from_shine, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(g, exact, rtol=1e-3)
+
+
+def test_warm_start_must_be_a_flag():
+    solver = banax.get_solver("broyden")
+    with pytest.raises(TypeError, match="warm_start must be True or False"):
+        banax.get_adjoint("implicit", solver=solver, warm_start=1)

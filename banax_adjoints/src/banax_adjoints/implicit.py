@@ -55,16 +55,28 @@ class Implicit(banax.LinearSolveAdjoint):
     `b_solver` stops per sample, a lineax one solves the whole batch at once. Either
     way the VJPs run once over the whole batch.
 
+    **Warm start (SHINE).** When the forward solver keeps a low-rank estimate
+    `(I − J)⁻¹ ≈ I + Uᵀ V` (`banax.LowRankInverseJacobian`, e.g. Broyden), its transpose
+    gives the backward solve a starting point, `λ₀ = ḡ + Vᵀ (U ḡ)` (Ramzi et al., ICLR
+    2022), which a banax `b_solver` then refines to its own tolerance: the gradient is
+    as exact as from `λ₀ = ḡ`. It saves VJPs only where the estimate is good along
+    `ḡ`, not just along the forward steps; on the `banax bench` problem it saved none
+    (30.1 against 30.3 mean backward steps; `benchmarks/warm_start.py`), hence off by
+    default. Other forward solvers (and lineax `b_solver`s) start from `ḡ`.
+
     **Arguments:**
 
     - `solver`: the forward solver.
     - `b_solver`: the backward solver (see above); default: the forward solver's.
+    - `warm_start`: start a banax `b_solver` from the forward's inverse-Jacobian
+        estimate when it has one (see above). Default False.
     - `on_failure`: `"warn"` (default), `"raise"` or `"ignore"` when the backward
         solve does not converge.
     """
 
     solver: banax.Solver
     b_solver: banax.Solver | lx.AbstractLinearSolver = None  # type: ignore[assignment]
+    warm_start: bool = eqx.field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.b_solver is None and isinstance(self.solver, banax.Solver):
@@ -78,6 +90,7 @@ class Implicit(banax.LinearSolveAdjoint):
 
     def __check_init__(self) -> None:
         check_solver("Implicit", "solver", self.solver)
+        banax.check_flag(self, "warm_start", self.warm_start)
         if not isinstance(self.b_solver, (banax.Solver, lx.AbstractLinearSolver)):
             raise TypeError(
                 "Implicit: b_solver must be a banax.Solver (e.g. "
@@ -102,7 +115,8 @@ class Implicit(banax.LinearSolveAdjoint):
     ) -> tuple[jax.Array, banax.BackwardStats]:
         vjp, g = widened(vjp, g)
         if isinstance(self.b_solver, banax.Solver):
-            sol = banax.solve_flat(self.b_solver, lambda lam: g + vjp(lam), g, budget)
+            lam0 = self._initial_guess(g, forward)
+            sol = banax.solve_flat(self.b_solver, lambda lam: g + vjp(lam), lam0, budget)
             return sol.z, banax.BackwardStats.from_flat(sol.result, sol.stats)
         # Complex states in real form: f's VJP may be only real-linear.
         vjp_r, g_r, back = real_form(vjp, g)
@@ -123,3 +137,15 @@ class Implicit(banax.LinearSolveAdjoint):
         steps = jnp.broadcast_to(jnp.asarray(sol.stats.get("num_steps", 0)), code.shape)
         stats = banax.Stats(steps=steps, abs_err=abs_err, rel_err=rel_err)
         return lam, banax.BackwardStats.from_flat(code, stats)
+
+    def _initial_guess(self, g: jax.Array, forward: FlatSolution) -> jax.Array:
+        """`ḡ + Vᵀ (U ḡ)` per sample from the forward's `(I − J)⁻¹ ≈ I + Uᵀ V`, or `ḡ`.
+
+        The capability's transpose is a plain one and JAX's VJP is `v ↦ Jᵀ v`, so the
+        same plain transpose serves complex states."""
+        if not (self.warm_start and isinstance(self.solver, banax.LowRankInverseJacobian)):
+            return g
+        u, v = (a.astype(g.dtype) for a in self.solver.inverse_jacobian_factors(forward.state))
+        highest = jax.lax.Precision.HIGHEST
+        coef = jnp.einsum("bmn,bn->bm", u, g, precision=highest)
+        return g + jnp.einsum("bm,bmn->bn", coef, v, precision=highest)

@@ -231,8 +231,12 @@ def iterate(
         if gated:
             active = active & (c.k < budget)
         if per_sample or gated:
+            # `abs_err < 0` never holds (NaN included), but making the mask depend on
+            # the residual orders the freezing after every read of the old iterate, so
+            # that XLA overwrites the carried buffers in place instead of copying them.
+            keep = active & ~(abs_err < 0)
             z, fz, state, abs_err, rel_err = _freeze(
-                active, (z, fz, state, abs_err, rel_err),
+                keep, (z, fz, state, abs_err, rel_err),
                 (c.z, c.fz, c.state, c.abs_err, c.rel_err),
             )
         if gated:
