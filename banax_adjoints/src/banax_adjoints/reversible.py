@@ -55,9 +55,9 @@ class Reversible(banax.BackwardRuleAdjoint):
     run in integer arithmetic and the recording keeps what they drop), so the gradient
     matches BPTT's to rounding in the VJPs (2e-6 relative in float32, 3e-15 in
     float64 on a tanh cell, up to 300 steps), where rewinding a floating-point
-    iteration amplifies rounding geometrically. The price is the recording: 16 bits
-    per element per step for `damp` = 0.5, 0.8, 0.9 (a denominator `d ≤ 16`), 32 bits
-    for `d ≤ 256`, allocated for `max_steps` steps, so memory grows with `max_steps`;
+    iteration amplifies rounding geometrically. The price is the recording: 32 bits
+    per element per step, allocated for `max_steps` steps, so memory grows with
+    `max_steps` (half of storing both sequences in float32);
     BPTT stores whole iterates per step, or checkpoints of them.
 
     **Arguments:**
