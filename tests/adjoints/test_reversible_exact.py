@@ -138,8 +138,8 @@ def test_float32_cells_whose_backward_evaluates_f_differently(cell):
     # which the recorded low bits of round(beta*f) in grid units absorb.
     k1, k2 = jax.random.split(jax.random.key(0))
     if cell == "conv":
-        module = banax.nn.ConvCell(4, 1, groups=2, key=k1, dtype=jnp.float32)
-        x, shape = jax.random.normal(k2, (2, 6, 6, 1), jnp.float32), (6, 6, 4)
+        module = banax.nn.ConvCell(8, 1, groups=4, key=k1, dtype=jnp.float32)
+        x, shape = jax.random.normal(k2, (4, 8, 8, 1), jnp.float32), (8, 8, 8)
     else:
         w = contraction_matrix(k1, 512, 0.9, dtype=jnp.float32)
         module, shape = _Tanh(w), (512,)
@@ -152,20 +152,6 @@ def test_float32_cells_whose_backward_evaluates_f_differently(cell):
     assert all(bool(jnp.isfinite(g).all()) for g in ours)
     scale = max(float(jnp.max(jnp.abs(g))) for g in theirs)
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(ours, theirs)) < 1e-4 * scale
-
-
-def test_a_rewind_that_misses_z0_raises_naming_the_fix():
-    solver = banax.get_solver("reversible", max_steps=5).recording()
-    z0 = jnp.linspace(-1.0, 1.0, 8)[None, :]
-    f = lambda z: 0.5 * jnp.sin(z)  # noqa: E731
-    z, state = z0, solver.init(z0, f(z0))
-    for _ in range(3):
-        z, state = solver.forward_map(f, z, state)
-    # Rewinding with an f far from the forward's cannot recover its rounded values.
-    with pytest.raises(Exception, match="rewind did not return to z0.*BPTT"):
-        for _ in range(3):
-            z, state = solver.inverse_map(lambda v: f(v) + 1e-3, z, state)
-        jax.block_until_ready(z)
 
 
 def test_without_x64_float32_runs_on_a_32_bit_grid():

@@ -323,15 +323,16 @@ def test_reversible_step_runs_backwards():
         assert eqx.tree_equal((z, state), (expected_z, expected))
 
 
-def test_reversible_rewind_with_another_f_ends_in_nan_not_a_wrong_start():
+def test_reversible_rewind_with_another_f_raises_not_a_wrong_start():
     s = banax.get_solver("reversible").recording()
     z0 = jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)
     z, state = z0, s.init(z0, jnp.cos(z0))
     for _ in range(4):
         z, state = s.forward_map(jnp.cos, z, state)
-    for _ in range(4):
-        z, state = s.inverse_map(lambda v: jnp.cos(v) + 1e-3, z, state)
-    assert jnp.isnan(z).all() and jnp.isnan(state.y).all()
+    # An f 1e-3 off is far outside what the recorded low bits of round(beta*f) absorb.
+    with pytest.raises(eqx.EquinoxRuntimeError, match="rewind did not return to z0.*BPTT"):
+        for _ in range(4):
+            z, state = s.inverse_map(lambda v: jnp.cos(v) + 1e-3, z, state)
 
 
 def test_reversible_inverse_needs_the_recorded_digits():
