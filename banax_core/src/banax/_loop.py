@@ -45,7 +45,7 @@ class _Carry(eqx.Module):
     trace: Any
     abs_err: Float[Array, " batch"]
     rel_err: Float[Array, " batch"]
-    steps: Int[Array, " batch"]
+    steps: Int[Array, " batch"] | None
     done: Bool[Array, " batch"]
     diverged: Bool[Array, " batch"]
     best: Any
@@ -201,6 +201,16 @@ def iterate(
     else:
         budget = jnp.clip(step_budget, 0, solver.max_steps)
 
+    every = solver.check_every
+    # With `check_every > 1` the loop's condition runs once per `every` steps, so the
+    # steps past the stopping point (or the budget) are masked: a sample freezes as
+    # soon as it stops, and the scalars and the trace freeze once no sample is left.
+    gated = every > 1
+    # A lone sample that is neither frozen nor masked steps on every iteration, so its
+    # step count is the loop counter: one kernel less per step, which shows outside
+    # batch mode, where the loop does little besides f.
+    count_steps = per_sample or gated
+
     init = _Carry(
         k=jnp.asarray(0),
         z=z0,
@@ -209,7 +219,7 @@ def iterate(
         trace=trace,
         abs_err=abs0,
         rel_err=rel0,
-        steps=jnp.zeros(batch, jnp.int32),
+        steps=jnp.zeros(batch, jnp.int32) if count_steps else None,
         done=solver.meets_tolerance(abs0, rel0) | bad0,
         diverged=bad0,
         best=(z0, fz0, abs0, rel0) if solver.keep_best else None,
@@ -217,12 +227,6 @@ def iterate(
 
     def cond(c: _Carry) -> Bool[Array, ""]:
         return (c.k < budget) & ~jnp.all(c.done)
-
-    every = solver.check_every
-    # With `check_every > 1` the loop's condition runs once per `every` steps, so the
-    # steps past the stopping point (or the budget) are masked: a sample freezes as
-    # soon as it stops, and the scalars and the trace freeze once no sample is left.
-    gated = every > 1
 
     def advance(c: _Carry) -> _Carry:
         z, fz, state, trace = solver.step(f, c.z, c.fz, c.state, c.trace)
@@ -258,7 +262,7 @@ def iterate(
             trace=trace,
             abs_err=abs_err,
             rel_err=rel_err,
-            steps=c.steps + active.astype(jnp.int32),
+            steps=c.steps + active.astype(jnp.int32) if count_steps else None,
             done=c.done | solver.meets_tolerance(abs_err, rel_err) | bad,
             diverged=c.diverged | (active & bad),
             best=best,
@@ -281,6 +285,9 @@ def iterate(
     if solver.keep_best:
         z, fz, abs_err, rel_err = final.best
     converged = solver.meets_tolerance(abs_err, rel_err) & ~final.diverged
+    steps = final.steps
+    if not count_steps:
+        steps = jnp.full((batch,), final.k, jnp.int32)
     result = jnp.select(
         [final.diverged, converged], [Result.DIVERGED, Result.CONVERGED], Result.MAX_STEPS
     ).astype(jnp.int32)
@@ -289,7 +296,7 @@ def iterate(
         fz=fz,
         state=final.state,
         result=result,
-        stats=Stats(steps=final.steps, abs_err=abs_err, rel_err=rel_err),
+        stats=Stats(steps=steps, abs_err=abs_err, rel_err=rel_err),
         trace=final.trace,
     )
 
