@@ -150,23 +150,18 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
     @property
     def _check_bits(self) -> int:
         """Low bits of each step's `round(β f(b) · 2^s)` (in grid units) recorded beside
-        the digit, so that one sequence's step fits 16 bits: 13 for d = 5, 8 for d = 256.
+        the digit, so that one sequence's code, `digit + d · low`, fits 16 bits: 13 for
+        d = 5, 8 for d = 256.
 
         The backward pass evaluates `f` in another compiled program (other fusion,
         reduction order, convolution algorithm), so its `f(b)` may differ from the
         forward's by a few ulps of the state's magnitude. With these bits the inverse
         recovers the forward's rounded value exactly when its own is within
-        `±2^(bits − 1)` grid units (a grid unit is 2^-24 of a sample's initial size
-        in float32, 2^-50 in float64). Grid units, not ulps of `f(b)`: a reduction's
-        error scales with its terms, so an `f` element near 0 can be millions of its
+        `±2^(bits − 1)` grid units (a grid unit is about 2^-24 of a sample's initial
+        size in float32, 2^-50 in float64). Grid units, not ulps of `f(b)`: a reduction's
+        error scales with its terms, so an `f` element near 0 can be thousands of its
         own ulps off while on the grid it is a few units."""
         return 16 - (self._ratio[1] - 1).bit_length()
-
-    @property
-    def _code_size(self) -> int:
-        """What one sequence's step records, `(digit, low bits of round(β f))`, is a
-        number below this (at most 2^16)."""
-        return self._ratio[1] * 2**self._check_bits
 
     def recording(self) -> "Reversible":
         return eqx.tree_at(lambda s: s.record, self, True)
@@ -290,16 +285,21 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         # Back at the start both sequences must be z0 on the grid. If not (f differed
         # by more than the recorded bits absorb), fail loudly: never a wrong gradient.
         start, _ = _quantize(state.z0.astype(scale.dtype), scale, z_int.dtype)
-        # A sample that took no step (rewound never) is still at its start.
-        off = lambda a, b: jnp.any(a != b, axis=-1)  # noqa: E731
-        moved = off(state.z_int, start) | off(state.y_int, start)
-        wrong = first & jnp.any(moved & (off(z_int, start) | off(y_int, start)))
+
+        def away(z_int: Ints, y_int: Ints) -> Array:
+            return jnp.any((z_int != start) | (y_int != start), axis=-1)
+
+        # A sample that took no step (never rewound) is still at its start.
+        moved = away(state.z_int, state.y_int)
+        wrong = first & jnp.any(moved & away(z_int, y_int))
         z_prev = eqx.error_if(
             z_prev, wrong,
             f"Reversible: the rewind did not return to z0: the backward pass evaluated "
             f"f more than {2 ** (self._check_bits - 1)} grid units away from the "
             f"forward pass, so the recorded steps cannot be undone exactly. Make f "
-            f"deterministic (same dtype and inputs in both passes), or use "
+            f"reproducible (same dtype and inputs in both passes; on GPUs float32 "
+            f"matmuls and convolutions may run in TF32, so set "
+            f"jax_default_matmul_precision='highest'), or use "
             f"BPTT(loop_kind='checkpointed') for this cell.")
         state = ReversibleState(
             y=y_prev, y_int=y_int, z_int=z_int, scale=scale,
