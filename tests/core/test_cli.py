@@ -61,7 +61,7 @@ def _bench_problem(batch: int, features: int) -> tuple[dict, np.ndarray, np.ndar
     from banax.cli.bench import problem
 
     params, x = problem(batch, features, seed=0)
-    return {k: np.asarray(v, np.float64) for k, v in params.items()}, np.asarray(x), x
+    return {k: np.asarray(v, np.float64) for k, v in params.items()}, np.asarray(x, np.float64), x
 
 
 def _picard_steps(params: dict, x: np.ndarray, tol: float) -> np.ndarray:

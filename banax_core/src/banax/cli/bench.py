@@ -165,7 +165,7 @@ def problem(batch: int, features: int, seed: int) -> tuple[Params, jax.Array]:
     """Parameters `{W, U, b}` and inputs `x` of the benchmark problem, in float32."""
     k_q, k_u, k_x = jax.random.split(jax.random.key(seed), 3)
     q, _ = jnp.linalg.qr(jax.random.normal(k_q, (features, features), jnp.float32))
-    w = (q * jnp.linspace(0.0, 0.98, features, dtype=jnp.float32)) @ q.T
+    w = (q * jnp.linspace(0.0, 0.98, features, dtype=jnp.float32)[None, :]) @ q.T
     params = {
         "W": (w + w.T) / 2,  # exactly symmetric despite rounding
         "U": jax.random.normal(k_u, (features, features), jnp.float32) / features**0.5,
