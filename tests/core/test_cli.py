@@ -103,7 +103,7 @@ def test_bench_reference_gradient_is_the_dense_implicit_gradient():
 
     def f(z, theta):
         w, u, b = theta
-        return jnp.tanh(z @ w.T + x64 @ u.T + b)
+        return jnp.tanh(z @ w.T + x64 @ u.T + b[None, :])
 
     theta = tuple(jnp.asarray(params[k]) for k in ("W", "U", "b"))
     expected = dense_implicit_grad(f, jnp.asarray(z), theta, jnp.asarray(z - target))
