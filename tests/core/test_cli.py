@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import dense_implicit_grad
 
 from banax.cli import main
@@ -134,6 +135,34 @@ def test_bench_solvers_table_json_and_plot(tmp_path):
         assert f"| {row['solver']} | {row['steps']} / " in out.stdout
     assert "picard overhead" in out.stdout
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_cells_times_each_cell_against_its_equinox_twin(tmp_path):
+    report = tmp_path / "cells.json"
+    out = run("bench", "--task", "cells", "--cells", "conv,mlp", "--adjoints", "implicit,jfb",
+              "--batch", "2", "--image", "4", "--channels", "4", "--cell-steps", "2",
+              "--repeats", "1", "--json", str(report))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = json.loads(report.read_text())["rows"]
+    pairs = {(r["cell"], r["adjoint"]): [] for r in rows}
+    for r in rows:
+        pairs[(r["cell"], r["adjoint"])].append(r)
+    assert set(pairs) == {(c, a) for c in ("conv", "mlp") for a in ("implicit", "jfb")}
+    for (cell, _), (ours, theirs) in pairs.items():
+        assert (ours["impl"], theirs["impl"]) == ("banax.nn", "equinox")
+        assert 0 < ours["ms_min"] <= ours["ms_median"] <= ours["ms_max"]
+        assert theirs["speedup"] == 1.0
+        assert ours["speedup"] == pytest.approx(theirs["ms_median"] / ours["ms_median"])
+        # Same weights, same solver steps: the gradients agree up to float32 rounding.
+        assert ours["max_abs_grad_diff"] < 1e-4, cell
+    assert "banax.nn" in out.stdout and "equinox" in out.stdout
+
+
+def test_bench_cells_bad_options():
+    out = run("bench", "--task", "cells", "--cells", "resnet")
+    assert out.returncode == 2 and "--cells must list conv and/or mlp" in out.stdout
+    out = run("bench", "--task", "cells", "--adjoints", "gdeq")
+    assert out.returncode == 2 and "--task cells times the adjoints" in out.stdout
 
 
 def test_bench_adjoints_gradient_error_and_memory(tmp_path):

@@ -37,7 +37,9 @@ Everything goes through the registry (`get_solver`, `get_adjoint`), so a third-p
 solver is benchmarked by naming it in `--solvers`.
 
 `--task mnist` runs the adjoint study instead: the MNIST DEQ of `banax demo --data
-mnist` trained under each adjoint (see `banax.cli.bench_mnist`).
+mnist` trained under each adjoint (see `banax.cli.bench_mnist`). `--task cells` times a
+training step of each `banax.nn` cell against the same cell written from plain Equinox
+layers (see `banax.cli.bench_cells`).
 """
 
 import argparse
@@ -93,7 +95,7 @@ ADJOINTS: dict[str, tuple[str, dict[str, Any]]] = {
 DEFAULT_ADJOINTS = ",".join(ADJOINTS)
 
 
-TASKS = ("solvers", "adjoints", "mnist")
+TASKS = ("solvers", "adjoints", "mnist", "cells")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--task", choices=TASKS, default=None,
         help="solvers: the solver comparison (default); adjoints: the same as "
         "--adjoints; mnist: train the MNIST DEQ under each adjoint and compare accuracy, "
-        "step time, steps and memory (with --adjoints, a subset of them)",
+        "step time, steps and memory (with --adjoints, a subset of them); cells: the "
+        "banax.nn cells against their plain Equinox equivalents, ms per training step",
     )
     parser.add_argument(
         "--solvers", default=DEFAULT_SOLVERS,
@@ -155,6 +158,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="training images (default: 4000)")
     study.add_argument("--test-images", type=int, default=1000,
                        help="held-out images (default: 1000)")
+    cells = parser.add_argument_group("--task cells")
+    cells.add_argument("--cells", default="conv,mlp",
+                       help="comma-separated cells to time: conv, mlp (default: both)")
+    cells.add_argument("--image", type=int, default=14,
+                       help="image side of the conv cell (default: 14)")
+    cells.add_argument("--channels", type=int, default=16,
+                       help="conv state channels; the MLP has 8x as many features "
+                       "(default: 16)")
+    cells.add_argument("--cell-steps", type=int, default=20,
+                       help="forward (and implicit backward) solver steps (default: 20)")
     parser.add_argument(
         "--json", metavar="FILE", default=None,
         help="also write every measurement to FILE as JSON",
@@ -306,6 +319,8 @@ def run(args: argparse.Namespace) -> int:
         return _error(problem)
     if args.task == "mnist":
         return _run_mnist(args)
+    if args.task == "cells":
+        return _run_cells(args)
     problem = _missing_directory("--plot", args.plot)
     if problem:
         return _error(problem)
@@ -323,6 +338,34 @@ def run(args: argparse.Namespace) -> int:
     if args.adjoints is not None:
         return _run_adjoints(args)
     return _run_solvers(args, plt)
+
+
+def _run_cells(args: argparse.Namespace) -> int:
+    from . import bench_cells
+
+    names = [a.strip() for a in (args.adjoints or "implicit").split(",") if a.strip()]
+    unknown = sorted(set(names) - set(bench_cells.ADJOINTS))
+    cells = [c.strip() for c in args.cells.split(",") if c.strip()]
+    if unknown or not names:
+        return _error(f"--task cells times the adjoints {', '.join(bench_cells.ADJOINTS)}; "
+                      f"got {args.adjoints!r}.")
+    if not cells or set(cells) - {"conv", "mlp"}:
+        return _error(f"--cells must list conv and/or mlp, got {args.cells!r}.")
+    for option, flag in (("image", "--image"), ("channels", "--channels"),
+                         ("cell_steps", "--cell-steps")):
+        if getattr(args, option) < 1:
+            return _error(f"{flag} must be >= 1, got {getattr(args, option)}.")
+    args.adjoints = ",".join(names)
+    print(f"banax bench --task cells: batch {args.batch}, {args.cell_steps} solver steps, "
+          f"{args.repeats} timed rounds")
+    print(f"machine: {_machine()}")
+    rows = bench_cells.run_cells_benchmark(args)
+    print(bench_cells.format_table(rows))
+    if args.json is not None:
+        with open(args.json, "w") as file:
+            json.dump({"task": "cells", "rows": rows}, file, indent=2)
+        print(f"measurements written to {args.json}")
+    return 0
 
 
 def _run_mnist(args: argparse.Namespace) -> int:

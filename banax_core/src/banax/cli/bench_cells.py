@@ -1,11 +1,12 @@
-"""Training-step time of the `banax.nn` cells against their plain Equinox equivalents.
+"""`banax bench --task cells`: training-step time of the `banax.nn` cells against their
+plain Equinox equivalents.
 
-Run: `python benchmarks/cells.py --help`. Each cell solves `z* = cell(z*, x)` in batch
+Each cell solves `z* = cell(z*, x)` in batch
 mode (`batch_axis=0`) inside a `banax.DEQ` and takes one training step: the forward
 solve plus the adjoint's backward pass, giving the gradient of `mean(z*²)` with respect
 to the cell's arrays. Both versions of a cell hold the same weights, run the same
 solver (Anderson; the reversible solver for the reversible adjoint) for a fixed number of
-steps (`--steps`, tolerance 0, so they do equal work; the implicit backward runs Picard for
+steps (`--cell-steps`, tolerance 0, so they do equal work; the implicit backward runs Picard for
 as many steps), and are timed interleaved, one call each per round, after a
 warm-up call; the table shows the median and range over `--repeats` rounds.
 
@@ -14,8 +15,9 @@ warm-up call; the table shows the median and range over `--repeats` rounds.
   `jax.vmap`ped over the batch, as an Equinox user would write it.
 - `mlp`: `banax.nn.MLPCell` against the same cell from `eqx.nn.Linear`.
 
-`run_cells_benchmark(args) -> list[dict]` is the entry point for `banax bench --task
-cells`; `args` needs the attributes that `add_arguments` defines. Each row has:
+`run_cells_benchmark(args) -> list[dict]` is the entry point; `args` holds `banax
+bench`'s options (`--cells`, `--adjoints`, `--batch`, `--image`, `--channels`,
+`--cell-steps`, `--repeats`, `--seed`). Each row has:
 
 - `cell`: `"conv"` or `"mlp"`; `impl`: `"banax.nn"` or `"equinox"`;
 - `adjoint`: the adjoint's registry name; `shape`: one sample's state shape;
@@ -27,7 +29,6 @@ cells`; `args` needs the attributes that `add_arguments` defines. Each row has:
 """
 
 import argparse
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -116,21 +117,6 @@ class EquinoxMLPCell(eqx.Module):
         return jax.vmap(one)(z, x)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `run_cells_benchmark`."""
-    parser.add_argument("--cells", default="conv,mlp", help="comma-separated: conv, mlp")
-    parser.add_argument("--adjoints", default="implicit",
-                        help=f"comma-separated, of {', '.join(ADJOINTS)} (default: implicit)")
-    parser.add_argument("--batch", type=int, default=32, help="batch size (default: 32)")
-    parser.add_argument("--image", type=int, default=14, help="image side (default: 14)")
-    parser.add_argument("--channels", type=int, default=16,
-                        help="conv state channels, also MLP features / 8 (default: 16)")
-    parser.add_argument("--steps", type=int, default=20,
-                        help="forward (and implicit backward) solver steps (default: 20)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (default: 7)")
-    parser.add_argument("--seed", type=int, default=0, help="weights and data seed")
-
-
 def _problems(args: argparse.Namespace, name: str, key: jax.Array) -> tuple[Any, Any, Any]:
     """`(banax cell, equinox cell, (x_banax, x_equinox))` with the same weights and input."""
     kc, kx = jax.random.split(key)
@@ -180,7 +166,7 @@ def run_cells_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
         for adjoint in [a.strip() for a in args.adjoints.split(",") if a.strip()]:
             if adjoint not in ADJOINTS:
                 raise ValueError(f"unknown adjoint {adjoint!r}; choose from {', '.join(ADJOINTS)}")
-            solver = banax.get_solver("anderson", rtol=0.0, atol=0.0, max_steps=args.steps,
+            solver = banax.get_solver("anderson", rtol=0.0, atol=0.0, max_steps=args.cell_steps,
                                       batch_axis=0)
             calls = []
             for impl, c, xs, shape in (("banax.nn", cell, x, shapes[0]),
@@ -202,7 +188,7 @@ def run_cells_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
                 t = np.asarray(times[impl])
                 rows.append({
                     "cell": name, "impl": impl, "adjoint": adjoint, "shape": shapes[0],
-                    "batch": args.batch, "steps": args.steps,
+                    "batch": args.batch, "steps": args.cell_steps,
                     "ms_median": float(np.median(t)), "ms_min": float(t.min()),
                     "ms_max": float(t.max()), "speedup": reference_median / float(np.median(t)),
                     "max_abs_grad_diff": diff,
@@ -229,20 +215,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['cell']:<5} {r['impl']:<9} {r['adjoint']:<9} {span:<24} "
                      f"{r['speedup']:>7.2f} {r['max_abs_grad_diff']:>11.1e}")
     return "\n".join(lines)
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="benchmarks/cells.py", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    args = parser.parse_args()
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch}, "
-          f"{args.steps} solver steps")
-    print(format_table(run_cells_benchmark(args)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
