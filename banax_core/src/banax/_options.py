@@ -93,6 +93,20 @@ def _interval(low: float | None, high: float | None, low_open: bool,
     return "a finite number"
 
 
+def _typed_scalar(owner: Any, option: str, value: Any, kind: type, requirement: str,
+                  why: str) -> Any:
+    """`value` as a Python/NumPy scalar of `kind` (not a bool), or a `TypeError` saying
+    what the option must be."""
+    _refuse_jax(owner, option, value, "float" if kind is numbers.Real else "int")
+    scalar = _scalar(value)
+    if isinstance(scalar, bool) or not isinstance(scalar, kind):
+        hint = " (a bool)" if isinstance(scalar, bool) else ""
+        raise TypeError(
+            f"{_owner(owner)}: {option} must be {requirement}, got {value!r}{hint}{why}."
+        )
+    return scalar
+
+
 def check_real(
     owner: Any,
     option: str,
@@ -115,14 +129,7 @@ def check_real(
     if value is None and allow_none:
         return None
     requirement = _interval(low, high, low_open, high_open) + (" or None" if allow_none else "")
-    _refuse_jax(owner, option, value, "float")
-    scalar = _scalar(value)
-    if isinstance(scalar, bool) or not isinstance(scalar, numbers.Real):
-        hint = " (a bool)" if isinstance(scalar, bool) else ""
-        raise TypeError(
-            f"{_owner(owner)}: {option} must be {requirement}, got {value!r}{hint}{why}."
-        )
-    number = float(scalar)
+    number = float(_typed_scalar(owner, option, value, numbers.Real, requirement, why))
     ok = math.isfinite(number)
     if ok and low is not None:
         ok = number > low if low_open else number >= low
@@ -143,13 +150,7 @@ def check_integer(owner: Any, option: str, value: Any, *, minimum: int,
     requirement = "a non-negative int" if minimum == 0 else f"an int >= {minimum}"
     if allow_none:
         requirement = f"None or {requirement}"
-    _refuse_jax(owner, option, value, "int")
-    scalar = _scalar(value)
-    if isinstance(scalar, bool) or not isinstance(scalar, numbers.Integral):
-        hint = " (a bool)" if isinstance(scalar, bool) else ""
-        raise TypeError(
-            f"{_owner(owner)}: {option} must be {requirement}, got {value!r}{hint}{why}."
-        )
+    scalar = _typed_scalar(owner, option, value, numbers.Integral, requirement, why)
     if maximum is not None and scalar > maximum:
         requirement = f"{requirement} and <= {maximum}"
     if scalar < minimum or (maximum is not None and scalar > maximum):
