@@ -193,7 +193,7 @@ def _cell(z: jax.Array, w: jax.Array, injection: jax.Array) -> jax.Array:
 
 
 def _f_spec(params: Params, x: jax.Array) -> tuple[Callable[..., jax.Array], tuple]:
-    return _cell, (params["W"], x @ params["U"].T + params["b"])
+    return _cell, (params["W"], x @ params["U"].T + params["b"][None])
 
 
 def _target(x: jax.Array) -> jax.Array:
