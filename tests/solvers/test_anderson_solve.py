@@ -9,11 +9,10 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings
-
+from banax.cli.bench import _f_spec, _SolveOnly, problem
 from banax.solver import Anderson
 from banax_solvers.anderson import _cholesky_solve
-from banax.cli.bench import _SolveOnly, _f_spec, problem
+from hypothesis import given, settings
 
 # One compilation per (depth, dtype): the strategies draw values, not shapes.
 _solve = jax.jit(_cholesky_solve)

@@ -56,8 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._adjoint import Adjoint, solve
-from .._problem import Problem
 from .._loop import FlatSolution
+from .._problem import Problem
 from .._registry import UnknownNameError, get_adjoint, get_solver
 from .._solver import Solver
 from ..utils import trace_count, trace_history
