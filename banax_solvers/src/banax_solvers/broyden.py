@@ -23,6 +23,7 @@ from ._common import (
     check_nonnegative,
     history_combine,
     history_dot,
+    sample_dot,
     sample_norm,
 )
 
@@ -148,11 +149,10 @@ class Broyden(Solver[BroydenState], LowRankInverseJacobian):
             - g_next[:, None]
         ).transpose(1, 0, 2)
         h_y = h_g_next + d  # H g = −d
-        # The per-sample inner products ⟨v, y⟩, ⟨v, v⟩, ⟨y, y⟩, ⟨v, g'⟩ of the update in
-        # one reduction (each separate reduction over the batch costs as much as a pass
-        # over the history on CPU).
-        denom, v_v, y_y, v_g = jnp.sum(
-            jnp.conj(jnp.stack([v, v, y, v])) * jnp.stack([y, v, y, g_next]), axis=-1)
+        # Four separate reductions: stacking the operands into one costs more on CPU
+        # (the stacks are written out, 4 × B × N each).
+        denom, v_v, y_y, v_g = (sample_dot(v, y), sample_dot(v, v), sample_dot(y, y),
+                                sample_dot(v, g_next))
         v_v, y_y = jnp.real(v_v), jnp.real(y_y)
         # denom = sᴴ H y up to the rounding of the iterate.
         tiny = float(jnp.finfo(dtype).eps) * jnp.sqrt(v_v) * jnp.sqrt(y_y)
