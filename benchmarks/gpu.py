@@ -5,7 +5,8 @@
 Prints the `banax bench` solver table (the SPEC §5 problem, batch mode, each solver
 with its defaults) and the same measurement for Picard and Anderson testing convergence
 every 4 and 8 steps (`check_every`), which saves the host round trip of the loop's
-condition on the other steps. Refuses to run (status 2) when JAX sees no accelerator,
+condition on the other steps, and for Anderson's fused small solve
+(`use_linalg=False`), which replaces a batched LU call per step. Refuses to run (status 2) when JAX sees no accelerator,
 so that a CPU table is never taken for a GPU one. Takes about a minute on a GPU.
 """
 
@@ -22,6 +23,9 @@ OPTIONS = dict(atol=1e-4, rtol=0.0, max_steps=2000, batch_axis=0)
 CONFIGS = {
     **{name: (name, {}) for name in ("picard", "relaxed", "reversible", "broyden", "anderson")},
     "anderson depth=10 damp=1": ("anderson", {"depth": 10, "damp": 1.0}),
+    "anderson use_linalg=False": ("anderson", {"use_linalg": False}),
+    "anderson use_linalg=False check_every=4": ("anderson", {"use_linalg": False,
+                                                             "check_every": 4}),
     **{f"{name} check_every={k}": (name, {"check_every": k})
        for name in ("picard", "anderson") for k in (4, 8)},
 }
