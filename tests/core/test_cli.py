@@ -194,3 +194,116 @@ def test_bench_bad_input_gets_one_clear_line(capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "pip install matplotlib" in out
     assert not (tmp_path / "r.png").exists()
+
+
+# --- banax bench --solvers NAME:KEY=VALUE ----------------------------------------
+
+
+def test_bench_solver_items_label_rows_and_reach_the_solver(tmp_path):
+    report = tmp_path / "bench.json"
+    items = ["picard", "relaxed:damp=1.0", "relaxed", "anderson", "anderson:depth=1"]
+    out = run("bench", *TINY, "--no-train", "--solvers", ",".join(items),
+              "--json", str(report))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {r["solver"]: r for r in json.loads(report.read_text())["solvers"]}
+    assert list(rows) == items
+    assert rows["relaxed:damp=1.0"]["name"] == "relaxed"
+    assert rows["relaxed:damp=1.0"]["options"] == {"damp": 1.0}
+    assert rows["relaxed"]["options"] == {}
+    # Relaxed iteration with damp=1 is Picard: the steps of the closed-form iteration.
+    params, x, _ = _bench_problem(3, 16)
+    expected = _picard_steps(params, x, 1e-4)
+    for label in ("picard", "relaxed:damp=1.0"):
+        assert abs(rows[label]["steps"] - expected.max()) <= 1, label
+    # The defaults (damp=0.8, depth=5) take other paths to the same tolerance.
+    assert rows["relaxed"]["steps"] > rows["relaxed:damp=1.0"]["steps"]
+    assert rows["anderson:depth=1"]["evals"] != rows["anderson"]["evals"]
+    for row in rows.values():
+        assert row["converged"]
+        assert f"| {row['solver']} | {row['steps']} / " in out.stdout
+
+
+def test_bench_solver_item_values_are_literals_or_bare_words():
+    from banax.cli.bench import _solver_item
+
+    shared = {"atol": 1e-4, "rtol": 0.0, "max_steps": 10, "batch_axis": 0}
+    assert _solver_item("--solvers", "anderson", shared) == ("anderson", {})
+    assert _solver_item("--solvers", " anderson : depth = 10 : damp=1.0 ", shared) == (
+        "anderson", {"depth": 10, "damp": 1.0}
+    )
+    name, options = _solver_item(
+        "--solvers", "anderson:use_linalg=False:ridge=None:loop_kind='bounded'", shared
+    )
+    assert options == {"use_linalg": False, "ridge": None, "loop_kind": "bounded"}
+    assert type(options["use_linalg"]) is bool
+    assert _solver_item("--solvers", "anderson:loop_kind=lax:damp=-5e-1", shared)[1] == {
+        "loop_kind": "lax", "damp": -0.5
+    }
+
+
+def test_bench_targets_read_only_the_default_configurations():
+    from banax.cli.bench import _targets
+
+    def row(label: str, overhead: float, steps: int) -> dict:
+        name, _, options = label.partition(":")
+        return {"solver": label, "name": name, "options": {"o": 1} if options else {},
+                "overhead": overhead, "steps": steps, "forward_f": 10 * overhead,
+                "train_f": 20 * overhead, "converged": True}
+
+    # The configured rows are faster and come last, so a lookup by name would take them.
+    rows = [row("picard", 1.05, 100), row("anderson", 1.2, 40),
+            row("picard:o=1", 1.0, 90), row("anderson:o=1", 1.0, 10)]
+    targets = {t["what"]: t["value"] for t in _targets(rows, train=True)}
+    assert targets == {
+        "picard overhead": 1.05, "anderson overhead": 1.2,
+        "anderson steps / picard steps": 0.4,
+        "fastest forward (picard), in t_f": 10.5,
+        "fastest training step (picard), in t_f": 21.0,
+    }
+    assert _targets([row("anderson:o=1", 1.0, 10)], train=False) == []
+
+
+@pytest.mark.parametrize(("items", "words"), [
+    ("anderson:depth", ["'depth' is not KEY=VALUE", "anderson:depth=10:damp=1.0"]),
+    ("anderson:=3", ["'=3' is not KEY=VALUE"]),
+    ("anderson:depth=", ["'depth=' is not KEY=VALUE"]),
+    (":depth=3", ["':depth=3' names no solver"]),
+    ("anderson:depth=1:depth=2", ["sets depth twice"]),
+    ("anderson:damp=[1", ["'[1' is neither a Python literal nor a bare word"]),
+    ("anderson:damp=1j", ["'1j' is a complex", "a number, True, False, None or a string"]),
+    ("picard,anderson,picard", ["lists 'picard' more than once"]),
+    ("anderson:nope=1", ["has no option(s) nope", "depth"]),
+    ("anderson:depth=0", ["depth must be an int >= 1, got 0"]),
+    ("no_such_solver:depth=1", ["no_such_solver", "anderson"]),
+    ("anderson:atol=1", ["sets atol", "--tol or --max-steps"]),
+    ("anderson:rtol=1e-3", ["sets rtol", "--tol or --max-steps"]),
+    ("anderson:max_steps=5", ["sets max_steps", "--tol or --max-steps"]),
+    ("anderson:batch_axis=None", ["sets batch_axis", "batch_axis=0"]),
+])
+def test_bench_bad_solver_items_are_refused_before_anything_runs(capsys, items, words):
+    assert main(["bench", "--solvers", f"picard,{items}"]) == 2
+    out = capsys.readouterr().out
+    # One line: the error, no benchmark header.
+    assert out.count("\n") == 1 and out.startswith("banax bench: error: ")
+    for word in words:
+        assert word in out, out
+
+
+def test_bench_forward_takes_the_same_items(capsys):
+    from banax.cli import build_parser
+    from banax.cli.bench import _adjoint
+
+    args = build_parser().parse_args(["bench", "--forward", "anderson:depth=2:damp=1.0"])
+    implicit = _adjoint("implicit+picard", args, 50)
+    assert (implicit.solver.depth, implicit.solver.damp, implicit.solver.max_steps) == (
+        2, 1.0, 50
+    )
+    # A solver the adjoint names itself does not take the --forward options.
+    assert type(_adjoint("gdeq", args, 50).solver).__name__ == "Broyden"
+    assert type(implicit.b_solver).__name__ == "Picard"
+    for forward, word in (("anderson:max_steps=3", "sets max_steps"),
+                          ("anderson:depth", "'depth' is not KEY=VALUE"),
+                          ("anderson:nope=1", "has no option(s) nope")):
+        assert main(["bench", "--adjoints", "implicit", "--forward", forward]) == 2
+        out = capsys.readouterr().out
+        assert out.count("\n") == 1 and word in out and "banax bench: error:" in out
