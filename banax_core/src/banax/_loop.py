@@ -84,12 +84,20 @@ def squared_norms(x: Inexact[Array, "batch features"]) -> Float[Array, " batch"]
 def residual_norms(
     z: FlatState, fz: FlatState
 ) -> tuple[Float[Array, " batch"], Float[Array, " batch"]]:
-    """Per-sample `(‖f(z) − z‖₂, ‖f(z) − z‖₂ / ‖f(z)‖₂)`, in `stats_dtype`."""
+    """Per-sample `(‖f(z) − z‖₂, ‖f(z) − z‖₂ / ‖f(z)‖₂)`, in `stats_dtype`.
+
+    The norms are plain sums of squares in the working dtype. When `‖f(z)‖²` overflows
+    (entries beyond about `1.8e19 / √N` in float32) the relative error is reported as
+    `inf` rather than the `0` the division would give, so that such a sample is never
+    taken to meet `rtol`; an overflowing `‖f(z) − z‖²` makes `abs_err` infinite, which
+    the loop reports as DIVERGED.
+    """
     wide = working_dtype(z.dtype)
     fz = fz.astype(wide)
     abs_err = jnp.sqrt(squared_norms(fz - z.astype(wide)))
     scale = jnp.sqrt(squared_norms(fz))
     rel_err = abs_err / jnp.where(scale > 0, scale, 1)
+    rel_err = jnp.where(jnp.isinf(scale), jnp.inf, rel_err)
     return abs_err, rel_err
 
 
