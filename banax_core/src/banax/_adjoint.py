@@ -18,7 +18,7 @@ from ._layout import FlatState
 from ._loop import FlatSolution, check_step_budget
 from ._options import check_choice, check_options, normalise_options
 from ._problem import Problem, make_problem, to_solution
-from ._solution import BackwardStats, Result, Solution, result_summary
+from ._solution import BackwardStats, Result, Solution, summary_of_counts
 from ._solver import Solver
 
 ON_FAILURE = ("raise", "warn", "ignore")
@@ -209,13 +209,19 @@ def _enforce(
             "anyway, and a backward_probe to see the steps and residuals.",
         )
     if adjoint.on_failure == "warn":
+        # The host gets the count of each code, not the codes: a batch sharded over
+        # devices would otherwise be gathered onto one device for the callback.
+        counts = jnp.stack([jnp.sum(codes == code) for code in Result])
 
-        def warn(codes: Any) -> None:
-            # Under vmap the cond runs both branches: look at the codes again.
-            if not np.any(np.asarray(codes) != Result.CONVERGED):
+        def warn(counts: Any) -> None:
+            # Under vmap the cond runs both branches and the counts gain batch axes:
+            # add them up and look again.
+            counts = np.asarray(counts).reshape(-1, len(Result)).sum(0)
+            if counts.sum() == counts[Result.CONVERGED]:
                 return
+            summary = summary_of_counts(counts)
             warnings.warn(
-                f"{name}: the backward solve did not converge ({result_summary(codes)}); "
+                f"{name}: the backward solve did not converge ({summary}); "
                 "the gradient of this step is unreliable. Give the backward solver more "
                 "steps, use a Krylov b_solver (lineax.GMRES), or pass "
                 "on_failure='raise' to stop here; a backward_probe reports the steps and "
@@ -224,7 +230,7 @@ def _enforce(
                 stacklevel=1,
             )
 
-        jax.lax.cond(failed, lambda: jax.debug.callback(warn, codes), lambda: None)
+        jax.lax.cond(failed, lambda: jax.debug.callback(warn, counts), lambda: None)
     return outputs
 
 

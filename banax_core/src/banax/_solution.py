@@ -46,8 +46,13 @@ def result_summary(result: ArrayLike) -> str:
     values); codes that do not occur are left out.
     """
     codes = np.asarray(result).astype(np.int64).ravel()
-    counts = [(code.name, int(np.sum(codes == code))) for code in Result]
-    return ", ".join(f"{name}: {count}" for name, count in counts if count)
+    return summary_of_counts([int(np.sum(codes == code)) for code in Result])
+
+
+def summary_of_counts(counts: Any) -> str:
+    """`result_summary` from the number of samples with each code, in code order."""
+    return ", ".join(f"{code.name}: {int(count)}" for code, count in zip(Result, counts)
+                     if count)
 
 
 class Stats(eqx.Module):
