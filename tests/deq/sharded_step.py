@@ -16,12 +16,26 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from banax import DEQ  # noqa: E402
+from banax import DEQ, FixedPointCache  # noqa: E402
 from banax.parallel import data_mesh, replicate, shard_batch  # noqa: E402
 from deq.deq_cells import Regressor, mse, tanh_cell  # noqa: E402
 from helpers import tree_allclose  # noqa: E402
 
 N, D, BATCH = 12, 6, 32
+
+
+def cached_solves(deq, x, index, cache):
+    """A cold solve that fills `cache`, then a warm one started from it: the two caches
+    and the two step counts (per sample)."""
+
+    @eqx.filter_jit
+    def solve(deq, x, index, cache):
+        z, sol = deq(x, z0=cache.read(index, deq.initial_state(x)), return_solution=True)
+        return cache.write(index, z), sol.stats.steps
+
+    cold_cache, cold_steps = solve(deq, x, index, cache)
+    warm_cache, warm_steps = solve(deq, x, index, cold_cache)
+    return cold_cache, warm_cache, cold_steps, warm_steps
 
 
 def main() -> None:
@@ -57,6 +71,13 @@ def main() -> None:
         uneven = "accepted"
     except ValueError as error:
         uneven = str(error)
+    # The fixed-point cache, replicated, read and written by a batch sharded over the
+    # devices (in shuffled example order), against the same on one device.
+    index = jax.random.permutation(jax.random.key(4), 2 * BATCH)[:BATCH]
+    cache = FixedPointCache.empty(2 * BATCH, (N,), x.dtype)
+    cached_one = cached_solves(deq, x, index, cache)
+    cached_many = cached_solves(replicate(mesh, deq), xs, shard_batch(mesh, index),
+                                replicate(mesh, cache))
     batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
     print(json.dumps({
         "devices": jax.device_count(),
@@ -72,6 +93,14 @@ def main() -> None:
         "same_output": tree_allclose(one[3], z, rtol=1e-9, atol=1e-12),
         "grad_norm": float(jnp.linalg.norm(one[2].deq.cell.W)),
         "uneven_batch": uneven,
+        "same_caches": all(
+            tree_allclose(one_cache.values, many_cache.values, rtol=1e-9, atol=1e-12)
+            and bool(jnp.all(one_cache.filled == many_cache.filled))
+            for one_cache, many_cache in zip(cached_one[:2], cached_many[:2])),
+        "cache_replicated": cached_many[1].values.sharding.is_fully_replicated,
+        "cache_filled": int(jnp.sum(cached_many[1].filled)),
+        "cold_steps": [int(jnp.max(cached_one[2])), int(jnp.max(cached_many[2]))],
+        "warm_steps": [int(jnp.max(cached_one[3])), int(jnp.max(cached_many[3]))],
     }))
 
 

@@ -73,11 +73,16 @@ class FixedPointCache(eqx.Module):
                 "and dtype."
             )
         n = self.values.shape[0]
-        return eqx.error_if(
-            index, (index < 0) | (index >= n),
+        # The check runs on one replicated flag, not on `index` itself: an index sharded
+        # over devices would otherwise be gathered onto one device for the check (and
+        # XLA's partitioner warns about it at every compile).
+        bad = jnp.any((index < 0) | (index >= n))
+        checked = eqx.error_if(
+            jnp.zeros((), index.dtype), bad,
             f"FixedPointCache: an index is out of range [0, {n}); index the cache by "
             "example number, 0 <= i < n_examples.",
         )
+        return index + checked
 
     def read(self, index: Int[Array, " batch"], default: Inexact[Array, "..."]
              ) -> Inexact[Array, "..."]:
