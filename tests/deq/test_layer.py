@@ -4,6 +4,7 @@ initial-state rule and the errors a user can make."""
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import banax
@@ -189,3 +190,20 @@ def test_reconfigure_changes_the_solve_and_keeps_the_parameters():
     assert jnp.allclose(swapped(x), tight(x), atol=1e-7)
     with pytest.raises(ValueError, match="rtol"):
         deq.reconfigure(lambda a: a.solver.rtol, -1.0)(x)
+
+
+def test_zoo_cells_give_their_zero_state():
+    """A banax.nn cell needs no state_shape: the layer starts from cell.zero_state(x),
+    batched or not, and solves to the same fixed point as with state_shape."""
+    cell = banax.nn.MLPCell(5, 3, key=jax.random.key(0), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (4, 3), jnp.float64)
+    solver = {"name": "picard", "batch_axis": 0, "rtol": 1e-10, "max_steps": 200}
+    own = DEQ(cell, solver, "implicit")
+    explicit = DEQ(cell, solver, "implicit", state_shape=(5,))
+    np.testing.assert_array_equal(own.initial_state(x), np.zeros((4, 5)))
+    np.testing.assert_allclose(own(x), explicit(x), rtol=0, atol=1e-12)
+    single = DEQ(cell, "picard", "implicit")
+    assert single.initial_state(x[0]).shape == (5,)
+    conv = banax.nn.ConvCell(4, 2, groups=2, key=jax.random.key(2), dtype=jnp.float32)
+    z0 = DEQ(conv, "picard", "jfb").initial_state(jnp.ones((3, 6, 6, 2), jnp.float32))
+    assert z0.shape == (3, 6, 6, 4) and z0.dtype == jnp.float32

@@ -22,6 +22,7 @@ from ._registry import get_adjoint
 from ._solution import BackwardStats, Solution
 from ._solver import Solver
 from ._stateful import FrozenState, check_stateful
+from .nn._cell import AbstractCell
 
 ComponentSpec = str | Mapping[str, Any]
 """A registry name such as `"anderson"`, or `{"name": "anderson", **options}`."""
@@ -101,10 +102,13 @@ class DEQ(eqx.Module):
         `{"name": "implicit", **options}` (e.g. `{"name": "implicit", "b_solver":
         "picard"}`); names are resolved by `banax.get_adjoint`.
     - `init`: the initial state rule. `"zeros"` starts from zeros of `state_shape`
-        (in the dtype of the cell's and the input's arrays); a callable `x -> z0`
-        builds `z0` from the input. Gradients do not flow through `z0`.
+        (in the dtype of the cell's and the input's arrays), or from
+        `cell.zero_state(x)` for a `banax.nn.AbstractCell` given no `state_shape`; a
+        callable `x -> z0` builds `z0` from the input. Gradients do not flow through
+        `z0`.
     - `state_shape`: the shape of one sample's state, without the batch axis; needed
-        by `init="zeros"`.
+        by `init="zeros"` unless the cell is a `banax.nn.AbstractCell` (banax's own
+        cells are), which says its zero state itself, whatever its structure.
     - `check_independence`: in batch mode, check at every call that the cell keeps
         samples apart (one JVP at `z0` with a tangent on sample 0 only, about two
         extra cell evaluations per call; a cell that mixes samples raises at run
@@ -176,10 +180,12 @@ class DEQ(eqx.Module):
                     f"DEQ: init must be one of {INIT_RULES} or a callable x -> z0, got "
                     f"{init!r}."
                 )
-            if state_shape is None:
+            if state_shape is None and not isinstance(cell, AbstractCell):
                 raise TypeError(
                     "DEQ: init='zeros' needs state_shape, the shape of one sample's "
-                    "state (e.g. state_shape=(64,)); or pass init=lambda x: z0."
+                    "state (e.g. state_shape=(64,)), unless the cell is a "
+                    "banax.nn.AbstractCell, which knows its zero state; or pass "
+                    "init=lambda x: z0."
                 )
         elif not callable(init):
             raise TypeError(
@@ -241,7 +247,9 @@ class DEQ(eqx.Module):
         """The state the solve starts from, by the `init` rule."""
         if callable(self.init):
             return self.init(x)
-        assert self.state_shape is not None
+        dtype = _state_dtype(self.cell, x)
+        if self.state_shape is None:
+            return jax.tree.map(lambda a: a.astype(dtype), self.cell.zero_state(x))
         shape = self.state_shape
         axis = self.solver.batch_axis
         if axis is not None:
@@ -251,7 +259,7 @@ class DEQ(eqx.Module):
                     f"of per-sample shape {shape}."
                 )
             shape = shape[:axis] + (batch_size(x, axis),) + shape[axis:]
-        return jnp.zeros(shape, _state_dtype(self.cell, x))
+        return jnp.zeros(shape, dtype)
 
     @overload
     def __call__(

@@ -2,13 +2,15 @@
 
 Each cell is an `eqx.Module` called as `cell(z, x) -> z'`, on one sample or on a batch
 (the batch axis first, as the solvers' `batch_axis=0` expects), and drops into
-`banax.DEQ(cell, ...)`. `conv2d` is the convolution the convolutional cell is built
+`banax.DEQ(cell, ...)`, which starts from the cell's own zero state
+(`AbstractCell.zero_state`). `conv2d` is the convolution the convolutional cell is built
 on; use it in your own cells to keep their gradients fast inside the solver's loop.
 """
 
+from ._cell import AbstractCell
 from ._conv import conv2d
 from ._conv_cell import ConvCell
 from ._group_norm import group_norm
 from ._mlp_cell import MLPCell
 
-__all__ = ["ConvCell", "MLPCell", "conv2d", "group_norm"]
+__all__ = ["AbstractCell", "ConvCell", "MLPCell", "conv2d", "group_norm"]

@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._cell import AbstractCell
+
 from ._conv import conv2d
 from ._group_norm import check_groups, group_norm
 
@@ -28,7 +30,7 @@ def _check_int(owner: str, name: str, value: object) -> int:
     return value
 
 
-class ConvCell(eqx.Module):
+class ConvCell(AbstractCell):
     """A convolutional DEQ cell: `z' = cell(z, x)` on channels-last images.
 
         h  = relu(GN₁(z ⋆ W₁))
@@ -137,6 +139,12 @@ class ConvCell(eqx.Module):
         u = norm(1, conv2d(h, self.conv2) + injected)
         out = norm(2, jax.nn.relu(z + u))
         return out[0] if single else out
+
+    def zero_state(
+        self, x: Float[Array, "*batch height width inject"]
+    ) -> Float[Array, "*batch height width channels"]:
+        """Zeros with `x`'s batch and image size and the cell's `channels`."""
+        return jnp.zeros((*jnp.shape(x)[:-1], self.channels), self.conv1.dtype)
 
 
 def _check_images(z: Array, x: Array, channels: int, inject_channels: int) -> None:

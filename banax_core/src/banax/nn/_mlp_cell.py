@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._cell import AbstractCell
+
 from ._conv_cell import _check_int
 
 INITIAL_LIPSCHITZ = 0.9
@@ -19,7 +21,7 @@ def _linear(key: PRNGKeyArray, fan_in: int, fan_out: int, dtype) -> Array:
     return jax.random.uniform(key, (fan_out, fan_in), dtype, -bound, bound)
 
 
-class MLPCell(eqx.Module):
+class MLPCell(AbstractCell):
     """A dense DEQ cell: `z' = cell(z, x)` on feature vectors.
 
         h  = relu(W₁ z + U x + b₁)
@@ -86,3 +88,7 @@ class MLPCell(eqx.Module):
         pre = z @ self.W1.T + x @ self.U.T
         h = jax.nn.relu(pre + jnp.broadcast_to(self.b1, pre.shape))
         return jnp.tanh(h @ self.W2.T + jnp.broadcast_to(self.b2, z.shape))
+
+    def zero_state(self, x: Float[Array, "*batch inject"]) -> Float[Array, "*batch features"]:
+        """Zeros of shape `(features,)`, or `(N, features)` for a batch `x`."""
+        return jnp.zeros((*jnp.shape(x)[:-1], self.W1.shape[1]), self.W1.dtype)
