@@ -87,7 +87,9 @@ def test_the_default_layer_trains():
         return eqx.apply_updates(model, updates), opt_state, value
 
     first = loss(model)
-    for _ in range(STEPS):
+    # Adam at this rate oscillates for the first ~40 steps (0.26 at step 30, 0.20 at 40 on one
+    # machine, 0.29 at 40 on another); by step 80 the loss is an order of magnitude down.
+    for _ in range(2 * STEPS):
         model, opt_state, _ = step(model, opt_state)
     assert loss(model) < 0.5 * first
 
