@@ -3,11 +3,13 @@
     uv run python benchmarks/gpu.py            # needs a JAX with a GPU backend
 
 Prints the `banax bench` solver table (its standard problem, 64 × 512 in batch mode,
-each solver with its defaults) and the same measurement for Picard and Anderson testing convergence
-every 4 and 8 steps (`check_every`), which saves the host round trip of the loop's
-condition on the other steps, and for Anderson's fused small solve
-(`use_linalg=False`), which replaces a batched LU call per step. Refuses to run (status 2) when JAX sees no accelerator,
-so that a CPU table is never taken for a GPU one. Takes about a minute on a GPU.
+each solver with its defaults) and the same measurement for Picard and Anderson
+testing convergence every 4 and 8 steps (`check_every`), which saves the host round
+trip of the loop's condition on the other steps, and for Anderson's fused small solve
+(`use_linalg=False`), which replaces a batched LU call per step. Refuses to run
+(status 2) when JAX sees no accelerator, so that a CPU table is never taken for a GPU
+one. Takes about a minute on a GPU. Measures with `banax.benchmark`, as `banax bench`
+does.
 """
 
 import sys
