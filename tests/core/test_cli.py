@@ -79,6 +79,7 @@ def _picard_steps(params: dict, x: np.ndarray, tol: float) -> np.ndarray:
     raise AssertionError("Picard did not converge on the benchmark problem")
 
 
+@pytest.mark.slow
 def test_bench_solvers_table_json_and_plot(tmp_path):
     report, plot = tmp_path / "bench.json", tmp_path / "residuals.png"
     out = run("bench", *TINY, "--solvers", "picard,reversible", "--no-train",
@@ -103,6 +104,7 @@ def test_bench_solvers_table_json_and_plot(tmp_path):
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_bench_cells_times_each_cell_against_its_equinox_twin(tmp_path):
     report = tmp_path / "cells.json"
     out = run("bench", "--task", "cells", "--cells", "conv,mlp", "--adjoints", "implicit,jfb",
@@ -131,6 +133,7 @@ def test_bench_cells_bad_options():
     assert out.returncode == 2 and "--task cells times the adjoints" in out.stdout
 
 
+@pytest.mark.slow
 def test_bench_adjoints_gradient_error_and_memory(tmp_path):
     report = tmp_path / "adjoints.json"
     out = run("bench", *TINY, "--adjoints", "implicit,jfb,bptt", "--forward", "picard",
