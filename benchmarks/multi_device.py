@@ -3,9 +3,9 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
         uv run python benchmarks/multi_device.py [--repeats 20]
 
-A `banax.DEQ` on `banax.nn.MLPCell(256, hidden 1024)`, Anderson in batch mode, the
-implicit adjoint, batch 32, one Adam step, on a mesh of all devices in each layout:
-one device; data parallel (batch split, parameters replicated); FSDP (parameters split
+A `banax.DEQ` on `banax.nn.MLPCell(256, hidden 1024)`, Anderson in batch mode to
+`rtol=1e-6`, the implicit adjoint, batch 32, one Adam step, on a mesh of all devices
+in each layout: one device; data parallel (batch split, parameters replicated); FSDP (parameters split
 over the data axis, gathered at the layer's entry); per-shard solves (`PerShardSolve`);
 data × model (2 × 4: hidden units split over the model axis). Prints per layout the
 median step time, the forward solve's steps, and the collectives of the compiled
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     kc, kh, kx, ky = jax.random.split(jax.random.key(0), 4)
-    solver = {"name": "anderson", "batch_axis": 0, "rtol": 1e-4, "max_steps": 100}
+    solver = {"name": "anderson", "batch_axis": 0, "rtol": 1e-6, "max_steps": 100}
     model = Model(DEQ(MLPCell(FEATURES, INJECT, hidden_features=HIDDEN, key=kc),
                       solver=solver, adjoint="implicit"),
                   jax.random.normal(kh, (FEATURES,)) / 16)

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # Root names (this module is not imported by the package's __init__).
-from . import Solution, bind
+from . import DEQ, Solution, bind
 from .nn import MLPCell
 
 
@@ -295,32 +295,67 @@ def shard(tree: Any, mesh: Mesh, specs: Any) -> Any:
         tree, shardings, is_leaf=lambda s: s is None)
 
 
+class _PinnedCell(eqx.Module):
+    """A cell whose new state is constrained to stay split by batch over a mesh axis.
+
+    Inside the solver's loop nothing else says where the state lives, and XLA's
+    partitioner may move it between layouts at every iteration (all-to-alls of the
+    state); the constraint costs nothing when the state already lies so.
+    """
+
+    cell: Any
+    sharding: NamedSharding = eqx.field(static=True)
+
+    def __call__(self, z: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        out = self.cell(z, x, *args, **kwargs)
+        if args:  # a stateful cell returns (z', state)
+            return self._pin(out[0]), out[1]
+        return self._pin(out)
+
+    def _pin(self, z: Any) -> Any:
+        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, self.sharding), z)
+
+    def zero_state(self, x: Any) -> Any:
+        return self.cell.zero_state(x)
+
+
 class Gathered(eqx.Module):
     """A layer whose parameters are gathered once, at its entry (FSDP's per-layer gather).
 
     `Gathered(deq, mesh)` behaves as `deq`; inside a jitted step it first constrains
     the layer's arrays to `specs` (default: whole on every device), so the partitioner
-    all-gathers FSDP-split parameters once per call and the solver's loops run on
-    local copies with the state split by batch. Without it XLA may keep the weights
+    all-gathers FSDP-split parameters once per call, and, for a DEQ in batch mode,
+    keeps the state split by batch over mesh axis `axis` at every iteration. The
+    solver's loops then run on local copies of the weights and the local samples,
+    with no communication but the stopping flags. Without it XLA may keep the weights
     split inside the loop and move the *state* at every iteration instead. The
     gradient flows back through the gather as a reduce-scatter onto the split
     parameters.
 
     For FSDP on top of tensor parallelism, pass the tensor-parallel specs of the
-    layer: only the data-axis split is undone.
+    layer as `specs`: only the data-axis split is undone.
     """
 
     layer: Any
     mesh: Mesh = eqx.field(static=True)
     specs: Any = eqx.field(static=True, default=None)
+    axis: str | None = eqx.field(static=True, default="data")
 
     def __check_init__(self):
+        if self.axis is not None:
+            _check_axis("Gathered", self.mesh, self.axis)
         if self.specs is not None:
             _check_specs(self.mesh, self.layer, self.specs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         specs = replicated_specs(self.layer) if self.specs is None else self.specs
-        return shard(self.layer, self.mesh, specs)(*args, **kwargs)
+        layer = shard(self.layer, self.mesh, specs)
+        if isinstance(layer, DEQ) and layer.solver.batch_axis is not None \
+                and self.axis is not None:
+            b = layer.solver.batch_axis
+            batch = NamedSharding(self.mesh, PartitionSpec(*([None] * b), self.axis))
+            layer = eqx.tree_at(lambda d: d.cell, layer, _PinnedCell(layer.cell, batch))
+        return layer(*args, **kwargs)
 
 
 class PerShardSolve(eqx.Module):
