@@ -121,7 +121,8 @@ def main() -> None:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
         one = eqx.filter_jit(step)(model, opt_state, x, y)
 
-        def layout(mesh, specs, wrap=lambda deq: deq, run=True):
+        def layout(mesh, specs, wrap=lambda deq: deq, run=True, model=model, x=x, y=y,
+                   one=one):
             placed = shard(model, mesh, specs)
             placed = eqx.tree_at(lambda m: m.deq, placed, wrap(placed.deq))
             opt = optimizer.init(eqx.filter(placed, eqx.is_inexact_array))

@@ -6,7 +6,13 @@ where the work runs: put the batch on `NamedSharding(mesh, P("data"))`, the mode
 `NamedSharding(mesh, P())`, and `eqx.filter_jit` the training step. XLA then runs the
 cell on each device's slice, turns the loop's "all samples converged?" test and the
 gradient's batch sum into cross-device reductions, and keeps the output sharded.
-See `docs/multi_device.md` for several GPUs and several hosts.
+
+When the parameters must be split too, a partition spec tree (one `PartitionSpec` per
+array of the model) says where each lives: `fsdp_specs` (every parameter split over
+the data axis; wrap the DEQ in `Gathered` to gather it once per call),
+`tensor_parallel_specs` / `mlp_cell_specs` (hidden units split over a model axis), and
+`shard` places a model by them. `PerShardSolve` solves each data shard on its own, with
+no communication inside the solver's loops. See `docs/multi_device.md`.
 """
 
 import math
