@@ -6,6 +6,11 @@ what readers are told to run. `python multiprocess_worker.py ADDRESS N ID OUT` r
 one training step as process `ID` of `N` and writes the loss, the gradients and the
 updated model's arrays to `OUT/process{ID}.npz`. Run by `test_multiprocess.py` with
 `XLA_FLAGS=--xla_force_host_platform_device_count=4` and `PYTHONPATH=tests`.
+
+It then runs one step of a second layout on the same 8 devices: an `MLPCell` DEQ split
+over a (data=2, model=4) mesh, hidden units over the model axis and every parameter
+also over the data axis (FSDP on tensor parallelism, gathered once per solve), and
+writes it to `OUT/process{ID}_2d.npz`.
 """
 
 import sys
@@ -16,6 +21,10 @@ import equinox as eqx
 import jax
 import numpy as np
 
+from banax.parallel import (
+    Gathered, device_mesh, fsdp_specs, mlp_cell_specs, replicated_specs, shard, shard_batch,
+)
+from deq import sharded_layouts as layouts
 from docs.run_page import python_blocks
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "multi_device.md"
@@ -42,6 +51,32 @@ def arrays(model: Any, loss: Any, grads: Any) -> dict[str, np.ndarray]:
     return leaves
 
 
+def layout_batch() -> tuple[jax.Array, jax.Array]:
+    """The global batch of the 2-D step (the same in every process and the test)."""
+    kx, ky = jax.random.split(jax.random.key(1))
+    return (jax.random.normal(kx, (layouts.BATCH, layouts.INJECT)),
+            jax.random.normal(ky, (layouts.BATCH,)))
+
+
+def two_d_step(num_processes: int, process_id: int) -> dict[str, np.ndarray]:
+    """One FSDP × tensor-parallel training step over the devices of all processes."""
+    mesh = device_mesh({"data": 2, "model": 4})
+    model = layouts.make_model(np.float64, 1e-11)
+    placed = shard(model, mesh, fsdp_specs(model, mesh, "data",
+                                           specs=mlp_cell_specs(model, mesh)))
+    placed = eqx.tree_at(lambda m: m.deq, placed,
+                         Gathered(placed.deq, mesh, specs=mlp_cell_specs(placed.deq, mesh)))
+    opt_state = layouts.optimizer.init(eqx.filter(placed, eqx.is_inexact_array))
+    x, y = layout_batch()
+    share = len(x) // num_processes
+    mine = slice(process_id * share, (process_id + 1) * share)
+    x, y = shard_batch(mesh, (x[mine], y[mine]))
+    new_model, _, loss, grads = eqx.filter_jit(layouts.step)(placed, opt_state, x, y)
+    # Parameters split across processes are not readable here: make them whole first.
+    whole = eqx.filter_jit(lambda t: shard(t, mesh, replicated_specs(t)))
+    return arrays(*whole((new_model, loss, grads)))
+
+
 def main(address: str, num_processes: int, process_id: int, out: Path) -> None:
     jax.config.update("jax_enable_x64", True)  # compare to float64 rounding
     program = page_program()
@@ -50,6 +85,7 @@ def main(address: str, num_processes: int, process_id: int, out: Path) -> None:
     )
     assert jax.process_count() == num_processes and jax.device_count() == 8
     np.savez(out / f"process{process_id}.npz", **arrays(model, loss, grads))
+    np.savez(out / f"process{process_id}_2d.npz", **two_d_step(num_processes, process_id))
     jax.distributed.shutdown()
 
 

@@ -3,7 +3,9 @@
 Two interpreters, each with 4 simulated CPU devices, join through
 `jax.distributed.initialize` on 127.0.0.1 and exchange data through gloo; one training
 step on the 8 devices of both must give the loss, gradients and updated parameters of
-the same step on one device in this process.
+the same step on one device in this process; so must a step of an `MLPCell` DEQ
+split over a (data=2, model=4) mesh spanning both processes (FSDP and tensor
+parallelism together).
 """
 
 import os
@@ -18,7 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from deq.multiprocess_worker import SEED, STEPS, arrays, page_program
+from deq import sharded_layouts as layouts
+from deq.multiprocess_worker import SEED, STEPS, arrays, layout_batch, page_program
 
 HERE = Path(__file__).parent
 # Both processes import JAX and compile one step; a join that has not finished by then
@@ -88,3 +91,18 @@ def test_two_processes_train_like_one_device(tmp_path):
                 np.testing.assert_allclose(got[name], value, rtol=1e-9, atol=1e-12,
                                            err_msg=f"process {i}: {name}")
     assert np.linalg.norm(np.asarray(grads[0].cell.W)) > 1e-3  # not trivially zero
+
+    # The FSDP × tensor-parallel step (run in the same processes, to start JAX once).
+    model = layouts.make_model(np.float64, 1e-11)
+    opt_state = layouts.optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    with jax.numpy_dtype_promotion("standard"):  # optax's update mixes Python scalars
+        new_model, _, loss, grads = eqx.filter_jit(layouts.step)(model, opt_state,
+                                                                 *layout_batch())
+    expected = arrays(new_model, loss, grads)
+    for i in range(2):
+        with np.load(tmp_path / f"process{i}_2d.npz") as got:
+            assert sorted(got.files) == sorted(expected)
+            for name, value in expected.items():
+                np.testing.assert_allclose(got[name], value, rtol=1e-9, atol=1e-12,
+                                           err_msg=f"process {i}, 2-D layout: {name}")
+    assert np.linalg.norm(np.asarray(grads.deq.cell.W1)) > 1e-3
