@@ -19,12 +19,7 @@ HERE = Path(__file__).parent
 BENCHMARKS = HERE.parents[1] / "benchmarks"
 
 
-<<<<<<< HEAD
-@pytest.mark.slow
-def test_sharded_training_step_matches_one_device():
-=======
 def run_on_8_devices(script: str) -> subprocess.CompletedProcess:
->>>>>>> scale
     # The device count is fixed when JAX starts, hence a fresh interpreter.
     env = {
         **os.environ,
@@ -39,6 +34,7 @@ def run_on_8_devices(script: str) -> subprocess.CompletedProcess:
     return run
 
 
+@pytest.mark.slow
 def test_sharded_training_step_matches_one_device():
     run = run_on_8_devices("sharded_step.py")
     # Nothing sharded is gathered onto one device for a host check (the backward
