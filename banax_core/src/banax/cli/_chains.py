@@ -62,6 +62,10 @@ EXTRA_STEPS = 5
 # at κ = 0.9, 0.84 at κ = 0.99, so after 100 hops 4e-25 against 3e-8. κ = 0.99 keeps
 # the far end's state, and its gradients, well inside float32's range.
 KAPPA = 0.99
+# A state below this carries no usable signal: its readout's cotangent (~1/‖z‖, summed
+# backwards over ~1/(1 − κ) steps) must keep the squared residual norms of a
+# float32 backward solve over a chain's nodes finite (< 3e38).
+SIGNAL_FLOOR = 1e-15
 
 
 def parse_model(text: str | None) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -106,20 +110,23 @@ def path_graph(length: int) -> Graph:
 
 
 def readout(z: Float[Array, "*batch nodes width"]) -> Float[Array, "*batch nodes width"]:
-    """Each node's state scaled to unit ℓ2 norm (zero stays zero).
+    """Each node's state scaled to unit ℓ2 norm; a state below `SIGNAL_FLOOR` is zero.
 
     Far down a long chain the state is tiny (the cell contracts at each hop), so it is
-    divided by its largest entry first, which keeps its square from underflowing. The
-    result does not depend on that scale, so its gradient is exact with the scale
-    held constant (and `1/scale²` would overflow).
+    divided by its largest entry first, which keeps its square from underflowing; the
+    result does not depend on that scale, so its gradient is exact with the scale held
+    constant. The gradient of a unit vector grows like 1/‖z‖: below the floor it would
+    overflow the backward solve's float32 residual norms, so such a node reads as
+    carrying no signal.
     """
     scale = jax.lax.stop_gradient(jnp.max(jnp.abs(z), axis=-1, keepdims=True))
-    safe = jnp.where(scale > 0, scale, jnp.ones((), z.dtype))
-    unit = z / safe
-    # A zero row has squared norm 0 and keeps it (the double `where` keeps its
-    # gradient finite); any other row has squared norm >= 1.
+    signal = scale > SIGNAL_FLOOR
+    unit = jnp.where(signal, z / jnp.where(signal, scale, jnp.ones((), z.dtype)),
+                     jnp.zeros((), z.dtype))
+    # Every kept row has squared norm >= 1; the double `where` keeps the gradient of
+    # the zero rows finite.
     squared = jnp.sum(unit**2, axis=-1, keepdims=True)
-    return unit / jnp.sqrt(jnp.where(squared > 0, squared, jnp.ones((), z.dtype)))
+    return unit / jnp.sqrt(jnp.where(signal, squared, jnp.ones((), z.dtype)))
 
 
 def _linear(key: PRNGKeyArray, fan_in: int, fan_out: int) -> Array:
