@@ -80,7 +80,8 @@ def test_training_lowers_the_loss(optax_promotion):
     after = float(loss(model, x, y))
     assert after < 0.5 * before, (before, after)
     assert history[-1].test_accuracy > 0.9
-    assert all(e.f_steps == 8 for e in history)
+    # A fixed step count (rtol = atol = 0): fewer only at an exact float32 fixed point.
+    assert all(1 <= e.f_steps <= 8 and 1 <= e.b_steps <= 8 for e in history)
     # The implicit adjoint's projection keeps W in its ball: ‖W̃‖_∞ ≤ κ/ρ.
     graph = _chains.path_graph(6)
     w = model.deq.cell.projected_weight(graph)
@@ -93,7 +94,7 @@ def test_demo_prints_epochs_and_the_final_accuracy(capsys, tmp_path):
     assert main(["demo", "--task", "chains", "--model", "both:5", "--epochs", "2",
                  "--width", "4", "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
-    assert "epoch   2/2" in out and "forward steps  10.0" in out
+    assert "epoch   2/2" in out and "forward steps" in out and "backward steps" in out
     assert "deq length 5: test accuracy" in out and "gcn length 5: test accuracy" in out
     assert "test accuracy by chain length" in out
     assert plot.read_bytes().startswith(b"\x89PNG")
