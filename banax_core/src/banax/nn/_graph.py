@@ -81,6 +81,8 @@ class Graph(eqx.Module):
     - `adjacency`: the adjacency, a square `BCOO` (`n_batch` 0 or 1) with finite
         entries, usually normalised; `Graph.from_edges` builds the symmetric
         normalisation `D^{-1/2} (A + I) D^{-1/2}` from an edge list.
+    - `spectral_radius`: an upper bound on `ρ(|A|)` to use instead of computing it
+        (needed when the adjacency is traced, e.g. built inside `jax.jit`).
     """
 
     adjacency: sparse.BCOO
