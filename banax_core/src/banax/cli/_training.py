@@ -39,9 +39,10 @@ def optimizer(steps: int, peak_lr: float = 3e-3) -> Any:
     return optax.adamw(optax.cosine_onecycle_schedule(steps, peak_lr), weight_decay=1e-4)
 
 
-def cross_entropy(logits: Float[Array, "n classes"], labels: Int[Array, " n"]) -> Array:
+def cross_entropy(logits: Float[Array, "*n classes"], labels: Int[Array, "*n"]) -> Array:
+    """The mean over every label (one per sample, or one per node or position)."""
     log_p = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
+    return -jnp.mean(jnp.take_along_axis(log_p, labels[..., None], axis=-1))
 
 
 def loss_and_stats(model: Any, probe: BackwardStats, x: Array, y: Array) -> Any:
@@ -86,16 +87,17 @@ def make_train_step(optimizer: Any) -> Callable[..., Any]:
 @eqx.filter_jit
 def _predict(model: Any, x: Array) -> Array:
     logits, _ = model(x)
-    return jnp.argmax(logits, axis=1)
+    return jnp.argmax(logits, axis=-1)
 
 
 def accuracy(model: Any, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
-    """The fraction of `x` classified as `y`, evaluated `batch` images at a time."""
+    """The fraction of the labels `y` predicted (one per sample, or several: `y`'s
+    shape is the logits' without the classes), `batch` samples at a time."""
     correct = 0
     for i in range(0, len(y), batch):
         classes = _predict(model, jnp.asarray(x[i:i + batch]))
         correct += int(np.sum(np.asarray(classes) == y[i:i + batch]))
-    return correct / len(y)
+    return correct / y.size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,8 +63,9 @@ def _option(text: str) -> tuple[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to `parser`."""
-    parser.add_argument("--solver", default="anderson",
-                        help="registered solver name (default: anderson)")
+    parser.add_argument("--solver", default=None,
+                        help="registered solver name (default: anderson; picard for "
+                             "--task chains)")
     parser.add_argument("--solver-option", type=_option, action="append", default=[],
                         metavar="KEY=VALUE",
                         help="solver option, value as a Python literal (repeatable), "
@@ -196,7 +197,7 @@ def _build_adjoint(args: argparse.Namespace) -> Any:
     with `on_failure` gets `"ignore"` unless told otherwise, since the demo reports
     the backward solves' outcome in its epoch lines instead of warning at every step.
     """
-    solver = {"name": args.solver, "batch_axis": 0,
+    solver = {"name": args.solver or "anderson", "batch_axis": 0,
               **_DEFAULTS[args.data]["solver"], **dict(args.solver_option)}
     options = dict(args.adjoint_option)
     takes = {f.name for f in dataclasses.fields(REGISTRY.resolve("adjoint", args.adjoint))}

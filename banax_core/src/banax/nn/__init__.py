@@ -10,7 +10,8 @@ on; use it in your own cells to keep their gradients fast inside the solver's lo
 from ._cell import AbstractCell
 from ._conv import conv2d
 from ._conv_cell import ConvCell
+from ._graph import Graph, GraphCell
 from ._group_norm import group_norm
 from ._mlp_cell import MLPCell
 
-__all__ = ["AbstractCell", "ConvCell", "MLPCell", "conv2d", "group_norm"]
+__all__ = ["AbstractCell", "ConvCell", "Graph", "GraphCell", "MLPCell", "conv2d", "group_norm"]
