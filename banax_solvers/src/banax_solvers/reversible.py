@@ -254,7 +254,10 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         # a = c d + (e d + digit − ⌊d/2⌋) / n, exactly and without overflow.
         rounded = new - q * unit
         c, e = rounded // n, rounded % n
-        return c * d + (e * d + digit - d // 2) // n
+        # A value off the grid (its solve diverged) stays off it.
+        limit = _limit(new.dtype)
+        return jnp.where(jnp.abs(new) <= limit, c * d + (e * d + digit - d // 2) // n,
+                         limit + 1)
 
     def _encode(self, y_digit: Ints, z_digit: Ints, y_q: Ints, z_q: Ints
                 ) -> UInt[Array, "batch features"]:
@@ -322,21 +325,24 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         z_prev = jnp.where(first, state.z0, self._to_float(z_int, scale, z.dtype))
         y_int = self._unrelax(state.y_int, f(z_prev), scale, y_digit, y_c)
         y_prev = jnp.where(first, state.z0, self._to_float(y_int, scale, z.dtype))
-        # Back at the start both sequences must be z0 on the grid. If not (f differed
-        # by more than the recorded residues absorb), fail loudly: never a wrong
-        # gradient.
+        # Every state of a solve that stayed on the grid is on it, and back at the start
+        # both sequences must be z0 on the grid. If not (f differed by more than the
+        # recorded residues absorb), fail loudly: never a wrong gradient. A sample
+        # that took no step (never rewound) is still at its start; one that left the
+        # grid (its solve reported DIVERGED) cannot be rewound at all.
         start, _ = _quantize(state.z0.astype(scale.dtype), scale, z_int.dtype)
 
         def away(z_int: Ints, y_int: Ints) -> Array:
             return jnp.any((z_int != start) | (y_int != start), axis=-1)
 
-        # A sample that took no step (never rewound) is still at its start; one that
-        # left the grid (its solve reported DIVERGED) cannot be rewound at all.
-        limit = _limit(int_dtype)
-        on_grid = jnp.all((jnp.abs(state.z_int) <= limit)
-                          & (jnp.abs(state.y_int) <= limit), axis=-1)
-        moved = away(state.z_int, state.y_int) & on_grid
-        wrong = first & jnp.any(moved & away(z_int, y_int))
+        def on_grid(z_int: Ints, y_int: Ints) -> Array:
+            limit = _limit(int_dtype)
+            return jnp.all((jnp.abs(z_int) <= limit) & (jnp.abs(y_int) <= limit), axis=-1)
+
+        valid = on_grid(state.z_int, state.y_int)
+        missed = ~on_grid(z_int, y_int) | (first & away(state.z_int, state.y_int)
+                                           & away(z_int, y_int))
+        wrong = jnp.any(valid & missed)
         z_prev = eqx.error_if(
             z_prev, wrong,
             f"Reversible: the rewind did not return to z0: the backward pass evaluated "
