@@ -241,7 +241,7 @@ def _replay(solver: Any, f: Callable[..., Any], step: Callable[..., Any], params
         stack = jax.tree.map(
             lambda b, a: b.at[slot].set(jnp.where(keep, a, b[slot])), stack, cursor)
         positions = positions.at[slot].set(jnp.where(keep, j, positions[slot]))
-        return t, j, cursor, stack, positions, top + keep, walk, distance
+        return t, j, cursor, stack, positions, top + keep.astype(top.dtype), walk, distance
 
     def pull_back(carry: tuple) -> tuple:
         t, j, cursor, stack, positions, top, walk, distance = carry
@@ -249,7 +249,7 @@ def _replay(solver: Any, f: Callable[..., Any], step: Callable[..., Any], params
         walk = _pull_back(step, params, z, s, walk, t < steps)
         distance = jnp.where(t == last, jnp.linalg.norm(z - z_star, axis=-1), distance)
         t = t - 1
-        top = top - (positions[top - 1] > t)
+        top = top - (positions[top - 1] > t).astype(top.dtype)
         # Never below the first slot, x0's, which the last pull-back (t = 0) leaves.
         index = jnp.maximum(top - 1, 0)
         cursor = jax.tree.map(lambda b: b[index], stack)
