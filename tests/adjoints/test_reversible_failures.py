@@ -32,18 +32,20 @@ def _drifting():
 
 
 def _grad(adjoint, f, w, x0, probe):
+    """The gradients with respect to `w` and `x0`, the backward report, the result."""
+
     @eqx.filter_jit
-    def grads(w, probe):
-        def loss(w, probe):
+    def grads(w, x0, probe):
+        def loss(w, x0, probe):
             sol = adjoint((f, (w,)), x0, backward_probe=probe)
             value = jnp.where(jnp.isfinite(sol.value), sol.value, 0.0)
             return jnp.sum(value), sol.result
 
-        return jax.grad(loss, argnums=(0, 1), has_aux=True)(w, probe)
+        return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(w, x0, probe)
 
-    (grad, stats), result = grads(w, probe)
+    (grad, x0_grad, stats), result = grads(w, x0, probe)
     jax.effects_barrier()
-    return grad, stats, result
+    return (grad, x0_grad), stats, result
 
 
 def _flat(on_failure, **options):
@@ -90,12 +92,14 @@ def test_a_sample_that_left_the_grid_gets_diverged_and_no_gradient(mode):
     solver = banax.get_solver("reversible", rtol=1e-8, max_steps=200, batch_axis=0)
     adjoint = Reversible(solver=solver, mode=mode, on_failure="ignore")
     a = jnp.asarray([[3.0], [0.5]])
-    grad, stats, result = _grad(adjoint, lambda z, a: a * z + 1.0, a, jnp.ones((2, 4)),
-                                BackwardStats.probe(2))
+    (grad, x0_grad), stats, result = _grad(adjoint, lambda z, a: a * z + 1.0, a,
+                                           jnp.ones((2, 4)), BackwardStats.probe(2))
     assert result.tolist() == [Result.DIVERGED, Result.CONVERGED]
     assert stats.result_codes().tolist() == [Result.DIVERGED, Result.CONVERGED]
     assert float(grad[0, 0]) == 0.0
     assert float(grad[1, 0]) == pytest.approx(16.0, rel=1e-6)
+    # z* does not depend on x0: the converged sample's x0 gradient is a^K, tiny.
+    assert bool((x0_grad[0] == 0).all()) and float(jnp.max(jnp.abs(x0_grad[1]))) < 1e-6
 
 
 def test_options_are_checked_at_construction():

@@ -157,7 +157,7 @@ class Reversible(banax.BackwardRuleAdjoint):
             return solver.forward_map(f_with(p), z, s)
 
         walk = _Walk(
-            z_bar=g,
+            z_bar=_mask(~diverged, g),
             s_bar=jax.tree.map(jnp.zeros_like,
                                eqx.filter(start, eqx.is_inexact_array)),
             p_bar=jax.tree.map(jnp.zeros_like, params),
