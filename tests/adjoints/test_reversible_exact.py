@@ -99,16 +99,28 @@ def _deq_grads(cell, x, shape, adjoint):
     return jax.tree.leaves(eqx.filter(grads(cell), eqx.is_inexact_array))
 
 
+class _Tanh(eqx.Module):
+    w: jax.Array
+
+    def __call__(self, z, x):
+        return jnp.tanh(z @ self.w.T + x)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("cell", ["conv", "tanh"])
 @pytest.mark.parametrize("mode", ["exact", "flat"])
-def test_a_float32_conv_cell_whose_backward_evaluates_f_differently(mode):
+def test_float32_cells_whose_backward_evaluates_f_differently(cell, mode):
     # The backward program computes f a grid unit or two away from the forward's
-    # (GroupNorm means in another fusion): thousands of ulps for f's elements near 0.
-    # The exact mode's residues absorb it; the flat mode's replay stays within
-    # rounding of the forward's trajectory.
+    # (GroupNorm means in another fusion, 512-term dots): thousands of ulps for f's
+    # elements near 0. The exact mode's residues absorb it; the flat mode's replay
+    # stays within rounding of the forward's trajectory.
     k1, k2 = jax.random.split(jax.random.key(0))
-    module = banax.nn.ConvCell(8, 1, groups=4, key=k1, dtype=jnp.float32)
-    x, shape = jax.random.normal(k2, (4, 8, 8, 1), jnp.float32), (8, 8, 8)
+    if cell == "conv":
+        module = banax.nn.ConvCell(8, 1, groups=4, key=k1, dtype=jnp.float32)
+        x, shape = jax.random.normal(k2, (4, 8, 8, 1), jnp.float32), (8, 8, 8)
+    else:
+        module, shape = _Tanh(contraction_matrix(k1, 512, 0.9, dtype=jnp.float32)), (512,)
+        x = jax.random.normal(k2, (2, 512), jnp.float32)
     options = {"damp": 0.8, "rtol": 0.0, "atol": 0.0, "max_steps": 20, "batch_axis": 0}
     ours = _deq_grads(module, x, shape, Reversible(
         solver=banax.get_solver("reversible", **options), mode=mode, on_failure="raise"))
