@@ -1,11 +1,15 @@
 """Compiled gradient memory of every adjoint against `max_steps` (docs/adjoints.md).
 
-Run: `python benchmarks/adjoint_memory.py` (about three minutes on two CPU cores). For
-`f(z) = tanh(z Wᵀ + b)` with a batch of 64 states of 512 float32 features, `rtol=1e-5`,
-`batch_axis=0`, it compiles `jax.grad` of a loss through each adjoint at `max_steps` 16,
-256 and 4096 and prints XLA's `temp_size_in_bytes` in MiB (the field the CPU backend
-reports meaningfully). Nothing is run, only compiled.
+Run: `python benchmarks/adjoint_memory.py` (about three minutes on two CPU cores), or
+`python benchmarks/adjoint_memory.py Reversible "BPTT checkpointed"` for the rows whose
+names contain one of the arguments. For `f(z) = tanh(z Wᵀ + b)` with a batch of 64
+states of 512 float32 features, `rtol=1e-5`, `batch_axis=0`, it compiles `jax.grad` of
+a loss through each adjoint at `max_steps` 16, 256 and 4096 and prints XLA's
+`temp_size_in_bytes` in MiB (the field the CPU backend reports meaningfully). Nothing
+is run, only compiled.
 """
+
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +41,14 @@ def main() -> None:
                                                  b_solver=s("picard", 5)),
         "NeumannPhantom": lambda n: NeumannPhantom(solver=s("picard", n),
                                                    b_solver=s("picard", 5)),
-        "Reversible": lambda n: Reversible(solver=s("reversible", n, damp=0.5)),
+        "Reversible exact": lambda n: Reversible(solver=s("reversible", n, damp=0.8)),
+        "Reversible flat": lambda n: Reversible(solver=s("reversible", n, damp=0.8),
+                                                mode="flat"),
     }
+    wanted = sys.argv[1:]
     for name, make in rows.items():
+        if wanted and not any(w in name for w in wanted):
+            continue
         mib = []
         for n in (16, 256, 4096):
             adjoint = make(n)

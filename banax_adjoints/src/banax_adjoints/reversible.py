@@ -1,16 +1,20 @@
-"""The reversible adjoint: exact backpropagation through an invertible solver in O(1)
-memory."""
+"""The reversible adjoint: backpropagation through an invertible solver's steps, by
+rewinding them exactly or by replaying them from a few checkpoints."""
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
 
 import banax
-from banax import FlatSolution, Problem
+from banax import BackwardStats, FlatSolution, Problem, Result
 
 from ._validation import check_differentiable_step, check_solver
+
+MODES = ("exact", "flat")
 
 
 def _where_active(active: jax.Array, new: Any, old: Any) -> Any:
@@ -33,41 +37,78 @@ def _mask(active: jax.Array, cotangent: Any) -> Any:
     return _where_active(active, cotangent, jax.tree.map(jnp.zeros_like, cotangent))
 
 
+class _Walk(eqx.Module):
+    """The cotangents carried backwards over the steps: of the iterate, of the
+    solver state's floating-point leaves, and of the parameters."""
+
+    z_bar: jax.Array
+    s_bar: Any
+    p_bar: Any
+
+
+def _pull_back(step: Callable[..., Any], params: Any, z: jax.Array, s: Any,
+               walk: _Walk, active: Bool[Array, " batch"], safe: Any = None) -> _Walk:
+    """Pull the cotangent of step `k + 1` back through the step at `(z_k, s_k)` for the
+    `active` samples; the others keep theirs. Where their state may not be finite, the
+    step runs at `safe` for them, so that their zero cotangent pulls back to zero."""
+    if safe is not None:
+        z, s = _where_active(active, (z, s), safe)
+    _, vjp = eqx.filter_vjp(step, params, z, s)
+    p_step, z_bar, s_bar = vjp((_mask(active, walk.z_bar), _mask(active, walk.s_bar)))
+    z_bar, s_bar = _where_active(active, (z_bar, s_bar), (walk.z_bar, walk.s_bar))
+    return _Walk(z_bar, s_bar, jax.tree.map(jnp.add, walk.p_bar, p_step))
+
+
 class Reversible(banax.BackwardRuleAdjoint):
-    """Exact gradient of a reversible solve, rebuilding the trajectory backwards.
+    """Exact gradient of the steps an invertible solver ran, in little memory.
 
     The forward solver's step is a map `(z, s) ↦ Φ(z, s; θ)` on the iterate and the
-    solver state (the reversible solver's second sequence) that can be inverted
-    exactly. The forward pass runs the solver's `recording()` form and keeps only the
-    final `(z_K, s_K)`, each sample's step count `K` and what the recording adds. The
-    backward pass walks from the end: at each step it recovers `(z_k, s_k)` with the
-    inverse map, then pulls the cotangent back through `Φ` with one VJP and
-    accumulates the parameter gradient:
+    solver state (the reversible solver's second sequence). The forward pass keeps
+    only the final `(z_K, s_K)` and each sample's step count `K`; the backward pass
+    needs the states `(z_k, s_k)` in reverse order, and at each one pulls the
+    cotangent back through `Φ` with one VJP, accumulating the parameter gradient:
 
         (z̄_k, s̄_k, θ̄) ← VJP of Φ at (z_k, s_k; θ) applied to (z̄_{k+1}, s̄_{k+1}).
 
-    Finally the cotangent goes through the solver's `init` to `θ` and `x0`. The result
-    is the gradient BPTT gives through the same steps, for one extra evaluation of `f`
-    per step (the inverse map) and one VJP; in batch mode sample `b` is rewound only
-    for its own `K_b` steps.
+    Finally the cotangent goes through the solver's `init` to `θ` and `x0`. The
+    result is the gradient BPTT gives through the same steps; in batch mode sample `b`
+    is walked back over its own `K_b` steps. The two modes differ in how they get the
+    states back:
 
-    Accuracy and memory: with the reversible solver the rewind is bit-exact (its steps
-    run in integer arithmetic and the recording keeps what they drop), so the gradient
-    matches BPTT's to rounding in the VJPs (2e-6 relative in float32, 3e-15 in
-    float64 on a tanh cell, up to 300 steps), where rewinding a floating-point
-    iteration amplifies rounding geometrically. The price is the recording: 32 bits
-    per element per step, allocated for `max_steps` steps, so memory grows with
-    `max_steps` (half of storing both sequences in float32);
-    BPTT stores whole iterates per step, or checkpoints of them.
+    - `mode="exact"` (the default): the forward runs the solver's `recording()` form,
+        and the backward undoes one step at a time with the solver's `inverse_map`.
+        With the reversible solver the rewind is bit-exact (integer steps, recording
+        a byte per element per step for `damp=0.8`); the recording is allocated for
+        `max_steps` steps. Cost per step: one inverse and one VJP. A rewind that does
+        not land on `z0` raises an error.
+    - `mode="flat"`: nothing is recorded. The backward replays the forward steps from
+        `x0` with `forward_map`, keeping at most `checkpoints` states (the step at the
+        middle of what is left, then the middle of the rest, ...), so memory does not
+        depend on `max_steps`, and about `log2(K) / 2` extra forward steps per step
+        while `K < 2^checkpoints`. The replay's end is compared with the forward's
+        `z*`: the backward report's `abs_err` is `‖z_K(replay) − z*‖₂` per sample and
+        `rel_err` that over `‖z*‖₂`; above `√eps` of the dtype the result is
+        `DIVERGED` (the backward program evaluated `f` differently enough to change
+        the trajectory), and `on_failure` acts on it.
+
+    In both modes a sample whose forward solve diverged (e.g. an iterate left the
+    reversible solver's integer grid) is not walked back: its backward result is
+    `DIVERGED`, its gradient contribution zero.
 
     **Arguments:**
 
     - `solver`: a solver with the `banax.InvertibleStep` capability (e.g.
         `banax.solver.Reversible`), a differentiable step and `keep_best=False`. Any
         `loop_kind`; `"lax"` is cheapest since the loop itself is never differentiated.
+    - `mode`: `"exact"` or `"flat"`, see above. Default `"exact"`.
+    - `checkpoints`: the states `mode="flat"` keeps, an int >= 1 (the first is `x0`'s).
+        Default 16.
+    - `on_failure`: `"warn"`, `"raise"` or `"ignore"`; see `banax.BackwardRuleAdjoint`.
     """
 
     solver: banax.Solver
+    mode: str = eqx.field(default="exact", kw_only=True)
+    checkpoints: int = eqx.field(default=16, kw_only=True)
 
     def __check_init__(self) -> None:
         check_solver("Reversible", "solver", self.solver)
@@ -83,11 +124,18 @@ class Reversible(banax.BackwardRuleAdjoint):
         if self.solver.keep_best:
             raise ValueError(
                 "Reversible: keep_best=True returns an earlier iterate, but the "
-                "reversible adjoint rewinds from the last one. Set keep_best=False, or "
-                "use BPTT or Implicit."
+                "reversible adjoint walks back from the last one. Set keep_best=False, "
+                "or use BPTT or Implicit."
             )
+        banax.check_choice(self, "mode", self.mode, MODES)
+        banax.check_integer(
+            self, "checkpoints", self.checkpoints, minimum=1,
+            why="; mode='flat' keeps that many states of its replay",
+        )
 
     def solve(self, problem: Problem) -> FlatSolution:
+        if self.mode == "flat":
+            return super().solve(problem)
         # The forward solve keeps what the rewind needs (for the reversible solver, the
         # digits its step drops); `backward` then sees the same recording solver.
         recording = eqx.tree_at(lambda a: a.solver, self, self.solver.recording())
@@ -95,43 +143,123 @@ class Reversible(banax.BackwardRuleAdjoint):
 
     def backward(
         self, problem: Problem, forward: FlatSolution, g: jax.Array
-    ) -> tuple[Any, jax.Array]:
+    ) -> tuple[Any, jax.Array, BackwardStats]:
         solver = self.solver
         params, f_with = problem.parameters()
         f = problem.f.evaluate
+        z0 = problem.z0
+        start = solver.init(z0, f(z0))
+        # A diverged sample gets no gradient.
+        diverged = forward.result == Result.DIVERGED
         steps = forward.stats.steps
 
         def step(p: Any, z: jax.Array, s: Any) -> tuple[jax.Array, Any]:
             return solver.forward_map(f_with(p), z, s)
 
-        def rewind(i: jax.Array, carry: tuple) -> tuple:
-            # Cotangents hold arrays for the floating-point leaves of the state only.
-            z, s, z_bar, s_bar, p_bar = carry
-            active = jnp.max(steps) - 1 - i < steps
-            z_prev, s_prev = solver.inverse_map(f, z, s)
-            _, vjp = eqx.filter_vjp(step, params, z_prev, s_prev)
-            p_step, z_bar_prev, s_bar_prev = vjp(
-                (_mask(active, z_bar), _mask(active, s_bar))
-            )
-            p_bar = jax.tree.map(jnp.add, p_bar, p_step)
-            z, s, z_bar, s_bar = _where_active(
-                active, (z_prev, s_prev, z_bar_prev, s_bar_prev), (z, s, z_bar, s_bar)
-            )
-            return z, s, z_bar, s_bar, p_bar
-
-        zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
-        init = (
-            forward.z,
-            forward.state,
-            g,
-            zeros(eqx.filter(forward.state, eqx.is_inexact_array)),
-            zeros(params),
+        walk = _Walk(
+            z_bar=_mask(~diverged, g),
+            s_bar=jax.tree.map(jnp.zeros_like,
+                               eqx.filter(start, eqx.is_inexact_array)),
+            p_bar=jax.tree.map(jnp.zeros_like, params),
         )
-        _, _, z_bar, s_bar, p_bar = jax.lax.fori_loop(0, jnp.max(steps), rewind, init)
+        if self.mode == "exact":
+            # A diverged sample is rewound too (the solver keeps a state that left the
+            # grid invalid, and its check skips it), but pulls nothing back.
+            walk = _rewind(solver, f, step, params, (forward.z, forward.state),
+                           (z0, start), walk, steps, diverged)
+            distance = jnp.zeros(steps.shape, forward.z.dtype)
+        else:
+            # A diverged sample is not replayed: it stays at its start.
+            steps = jnp.where(diverged, 0, steps)
+            walk, distance = _replay(solver, f, step, params, (z0, start), walk, steps,
+                                     forward.z, self.checkpoints)
 
-        def start(p: Any, z0: jax.Array) -> Any:
+        def init(p: Any, z0: jax.Array) -> Any:
             return solver.init(z0, f_with(p)(z0))
 
-        _, vjp = eqx.filter_vjp(start, params, problem.z0)
-        p_init, z0_bar = vjp(s_bar)
-        return jax.tree.map(jnp.add, p_bar, p_init), z_bar + z0_bar
+        _, vjp = eqx.filter_vjp(init, params, z0)
+        p_init, z0_bar = vjp(walk.s_bar)
+        distance = jnp.where(diverged, jnp.inf, distance)
+        size = jnp.linalg.norm(forward.z, axis=-1)
+        relative = distance / jnp.where(size > 0, size, 1)
+        ok = ~diverged & (relative <= jnp.sqrt(jnp.finfo(forward.z.dtype).eps))
+        report = BackwardStats(
+            steps=steps.astype(jnp.float32),
+            abs_err=distance.astype(jnp.float32),
+            rel_err=relative.astype(jnp.float32),
+            result=jnp.where(ok, Result.CONVERGED, Result.DIVERGED).astype(jnp.float32),
+        )
+        return jax.tree.map(jnp.add, walk.p_bar, p_init), walk.z_bar + z0_bar, report
+
+
+def _rewind(solver: Any, f: Callable[..., Any], step: Callable[..., Any], params: Any,
+            final: tuple[jax.Array, Any], first: tuple[jax.Array, Any], walk: _Walk,
+            steps: Int[Array, " batch"], diverged: Bool[Array, " batch"]) -> _Walk:
+    """Walk back from the `final` state with `solver.inverse_map`, one step at a
+    time, pulling back for the samples that did not diverge (`first` is the start)."""
+
+    def body(i: jax.Array, carry: tuple) -> tuple:
+        (z, s), walk = carry
+        # Step k = K_max − 1 − i of every sample that took more than k steps.
+        active = jnp.max(steps) - 1 - i < steps
+        z_prev, s_prev = solver.inverse_map(f, z, s)
+        walk = _pull_back(step, params, z_prev, s_prev, walk, active & ~diverged, first)
+        return _where_active(active, (z_prev, s_prev), (z, s)), walk
+
+    _, walk = jax.lax.fori_loop(0, jnp.max(steps), body, (final, walk))
+    return walk
+
+
+def _replay(solver: Any, f: Callable[..., Any], step: Callable[..., Any], params: Any,
+            first: tuple[jax.Array, Any], walk: _Walk, steps: Int[Array, " batch"],
+            z_star: jax.Array, slots: int) -> tuple[_Walk, Float[Array, " batch"]]:
+    """Walk back by replaying the forward steps from `first`, keeping at most `slots`
+    states on a stack.
+
+    Each iteration either advances a cursor by one forward step or, when the cursor is
+    at the step `t` to pull back through, does that VJP and moves the cursor to the
+    highest kept state at or below `t − 1`. On its way up the cursor keeps the state
+    halfway between the top of the stack and `t` (bisection), so the stack holds
+    `1 + log2(K)` states and each step is replayed about `log2(K) / 2` times; with the
+    stack full, the cursor walks up without keeping anything. The walk starts at
+    `t = K_max`, where instead of a VJP the replayed `z_K` is compared with the forward's
+    `z*`: that distance is returned.
+    """
+    last = jnp.max(steps)
+    stack = jax.tree.map(lambda a: jnp.zeros((slots,) + a.shape, a.dtype), first)
+    stack = jax.tree.map(lambda b, a: b.at[0].set(a), stack, first)
+    positions = jnp.zeros(slots, last.dtype)
+
+    def advance(carry: tuple) -> tuple:
+        t, j, cursor, stack, positions, top, walk, distance = carry
+        active = j < steps
+        cursor = _where_active(active, solver.forward_map(f, *cursor), cursor)
+        j = j + 1
+        below = positions[top - 1]
+        keep = (j == below + (t - below + 1) // 2) & (j < t) & (top < slots)
+        slot = jnp.minimum(top, slots - 1)
+        stack = jax.tree.map(
+            lambda b, a: b.at[slot].set(jnp.where(keep, a, b[slot])), stack, cursor)
+        positions = positions.at[slot].set(jnp.where(keep, j, positions[slot]))
+        return t, j, cursor, stack, positions, top + keep.astype(top.dtype), walk, distance
+
+    def pull_back(carry: tuple) -> tuple:
+        t, j, cursor, stack, positions, top, walk, distance = carry
+        z, s = cursor
+        walk = _pull_back(step, params, z, s, walk, t < steps)
+        distance = jnp.where(t == last, jnp.linalg.norm(z - z_star, axis=-1), distance)
+        t = t - 1
+        top = top - (positions[top - 1] > t).astype(top.dtype)
+        # Never below the first slot, x0's, which the last pull-back (t = 0) leaves.
+        index = jnp.maximum(top - 1, 0)
+        cursor = jax.tree.map(lambda b: b[index], stack)
+        return t, positions[index], cursor, stack, positions, top, walk, distance
+
+    def body(carry: tuple) -> tuple:
+        t, j = carry[:2]
+        return jax.lax.cond(j == t, pull_back, advance, carry)
+
+    carry = (last, jnp.zeros_like(last), first, stack, positions, jnp.asarray(1),
+             walk, jnp.zeros(steps.shape, z_star.dtype))
+    carry = jax.lax.while_loop(lambda c: c[0] >= 0, body, carry)
+    return carry[6], carry[7]
