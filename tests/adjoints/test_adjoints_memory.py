@@ -56,7 +56,8 @@ STATE = N * 4  # bytes of one float32 iterate
 #: One adjoint per kind of gradient rule: a linear solve (JFB and NeumannPhantom share
 #: Implicit's path), low-rank factors, an unroll from z*. The table in docs/adjoints.md
 #: has all of them. The reversible adjoint's rewind records a few bits per element per
-#: step: test_reversible_exact.py checks that this is all that grows.
+#: step: test_reversible_memory.py checks that this is all that grows, and that its flat
+#: mode does not grow.
 @pytest.mark.parametrize("name", [n for n in ADJOINTS
                                   if not n.startswith("bptt") and n != "reversible"])
 def test_gradient_memory_does_not_depend_on_max_steps(name):
