@@ -8,7 +8,13 @@ import jax
 import jax.numpy as jnp
 
 import banax
-from banax import FlatSolution, Problem
+from banax.extend import (
+    AbstractBackwardRuleAdjoint,
+    AbstractSolver,
+    FlatSolution,
+    InvertibleStep,
+    Problem,
+)
 
 from ._validation import check_differentiable_step, check_solver
 
@@ -33,7 +39,7 @@ def _mask(active: jax.Array, cotangent: Any) -> Any:
     return _where_active(active, cotangent, jax.tree.map(jnp.zeros_like, cotangent))
 
 
-class Reversible(banax.BackwardRuleAdjoint):
+class Reversible(AbstractBackwardRuleAdjoint):
     """Exact gradient of a reversible solve, rebuilding the trajectory backwards.
 
     The forward solver's step is a map `(z, s) ↦ Φ(z, s; θ)` on the iterate and the
@@ -62,19 +68,19 @@ class Reversible(banax.BackwardRuleAdjoint):
 
     **Arguments:**
 
-    - `solver`: a solver with the `banax.InvertibleStep` capability (e.g.
+    - `solver`: a solver with the `banax.extend.InvertibleStep` capability (e.g.
         `banax.solver.Reversible`), a differentiable step and `keep_best=False`. Any
         `loop_kind`; `"lax"` is cheapest since the loop itself is never differentiated.
     """
 
-    solver: banax.Solver
+    solver: AbstractSolver
 
     def __check_init__(self) -> None:
         check_solver("Reversible", "solver", self.solver)
-        if not isinstance(self.solver, banax.InvertibleStep):
+        if not isinstance(self.solver, InvertibleStep):
             raise banax.PairingError(
                 f"Reversible: {type(self.solver).__name__} cannot invert its step (it "
-                "lacks the banax.InvertibleStep capability). Use the reversible solver, "
+                "lacks the banax.extend.InvertibleStep capability). Use the reversible solver, "
                 "Reversible(solver=banax.get_solver('reversible', damp=0.8)), or BPTT "
                 "with loop_kind='checkpointed' for exact unrolled gradients of this "
                 "solver."

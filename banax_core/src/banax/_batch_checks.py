@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, PyTree
 
-from ._problem import _describe
+from ._pytrees import describe as _describe
 
 
 def batch_size(x: PyTree, axis: int) -> int:
