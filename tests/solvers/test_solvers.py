@@ -312,7 +312,8 @@ def test_reversible_step_runs_backwards():
     for _ in range(3):
         states.append(s.forward_map(fn, *states[-1]))
     # forward_map is exactly the loop's step.
-    flat = banax.internal.iterate(s, lambda v, t, tag=None: (fn(v), t), z0, None, jnp.asarray(3))
+    flat = banax.internal.iterate(s, lambda v, t, tag=None: (fn(v), t), z0, None,
+                                  jnp.asarray(3))
     assert eqx.tree_equal((flat.z, flat.state), states[-1])
     # Each step runs backwards bit for bit, the first one back to the off-grid z0 (the
     # digit buffer stays as the forward filled it).

@@ -18,6 +18,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._layout import FlatState
 from ._numerics import check_tolerances, residual_norms
+# Freezing the samples that stopped is the per-sample selection solvers also use.
 from ._numerics import where_per_sample as _freeze
 from ._problem import Problem
 from ._solution import FlatSolution, Result, Stats
