@@ -1,8 +1,8 @@
 """The standard banax benchmark, as a script: `python benchmarks/bench.py --help`.
 
 The same as `banax bench`: the problem, the columns and how they are timed are
-described in `banax.cli.bench`, and measured tables are in docs/benchmarks.md and
-docs/choosing.md.
+described in `banax.cli.bench` (the command) and `banax.benchmark` (the harness it
+measures with), and measured tables are in docs/benchmarks.md and docs/choosing.md.
 """
 
 import argparse

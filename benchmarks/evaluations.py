@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 import banax
-from banax.cli.bench import _SolveOnly, _f_spec, problem
+from banax.benchmark import SolveOnly, f_spec, problem, solver_options
 
 CONFIGS = {
     "anderson": ("anderson", {}),
@@ -38,7 +38,7 @@ def orth(seed: int, radius: float) -> tuple[dict, jax.Array]:
 def evaluations(solver: banax.Solver, params: dict, x: jax.Array) -> tuple[int, bool]:
     @jax.jit
     def run(params, x):
-        sol = _SolveOnly(solver)(_f_spec(params, x), jnp.zeros_like(x),
+        sol = SolveOnly(solver)(f_spec(params, x), jnp.zeros_like(x),
                                  trace=banax.trace_count())
         return sol.trace, jnp.all(sol.result == banax.Result.CONVERGED)
 
@@ -53,8 +53,7 @@ def main() -> None:
     print("| configuration | " + " | ".join(problems) + " |")
     print("|---|" + "---|" * len(problems))
     for label, (name, options) in CONFIGS.items():
-        solver = banax.get_solver(name, atol=1e-4, rtol=0.0, max_steps=500, batch_axis=0,
-                                  **options)
+        solver = banax.get_solver(name, **solver_options(1e-4, 500), **options)
         cells = []
         for params, x in problems.values():
             count, ok = evaluations(solver, params, x)

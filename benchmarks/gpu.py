@@ -2,12 +2,14 @@
 
     uv run python benchmarks/gpu.py            # needs a JAX with a GPU backend
 
-Prints the `banax bench` solver table (the SPEC §5 problem, batch mode, each solver
-with its defaults) and the same measurement for Picard and Anderson testing convergence
-every 4 and 8 steps (`check_every`), which saves the host round trip of the loop's
-condition on the other steps, and for Anderson's fused small solve
-(`use_linalg=False`), which replaces a batched LU call per step. Refuses to run (status 2) when JAX sees no accelerator,
-so that a CPU table is never taken for a GPU one. Takes about a minute on a GPU.
+Prints the `banax bench` solver table (its standard problem, 64 × 512 in batch mode,
+each solver with its defaults) and the same measurement for Picard and Anderson
+testing convergence every 4 and 8 steps (`check_every`), which saves the host round
+trip of the loop's condition on the other steps, and for Anderson's fused small solve
+(`use_linalg=False`), which replaces a batched LU call per step. Refuses to run
+(status 2) when JAX sees no accelerator, so that a CPU table is never taken for a GPU
+one. Takes about a minute on a GPU. Measures with `banax.benchmark`, as `banax bench`
+does.
 """
 
 import sys
@@ -16,10 +18,18 @@ import jax
 import jax.numpy as jnp
 
 import banax
-from banax.cli.bench import _compile, _f_loop, _machine, _measure_solver, _solver_table, problem
+from banax.benchmark import (
+    compile_timed,
+    describe_machine,
+    f_loop,
+    measure_solver,
+    problem,
+    solver_options,
+    solver_table,
+)
 
 REPEATS = 7
-OPTIONS = dict(atol=1e-4, rtol=0.0, max_steps=2000, batch_axis=0)
+OPTIONS = solver_options(1e-4, 2000)
 CONFIGS = {
     **{name: (name, {}) for name in ("picard", "relaxed", "reversible", "broyden", "anderson")},
     "anderson depth=10 damp=1": ("anderson", {"depth": 10, "damp": 1.0}),
@@ -36,16 +46,16 @@ def main() -> int:
         print("benchmarks/gpu.py: JAX sees no accelerator (backend 'cpu'); install a "
               "GPU build of jax, or run `uv run banax bench` for the CPU table.")
         return 2
-    print(f"machine: {_machine()}")
+    print(f"machine: {describe_machine()}")
     params, x = problem(64, 512, 0)
-    f_loop, _ = _compile(_f_loop, params, x, jnp.asarray(1))
+    loop, _ = compile_timed(f_loop, params, x, jnp.asarray(1))
     rows = []
     for label, (name, options) in CONFIGS.items():
         solver = banax.get_solver(name, **OPTIONS, **options)
-        rows.append(_measure_solver(label, solver, params, x, f_loop, REPEATS, True))
+        rows.append(measure_solver(label, solver, params, x, loop, REPEATS, True))
         print(f"  measured {label}", flush=True)
     print()
-    print(_solver_table(rows, True))
+    print(solver_table(rows, True))
     return 0
 
 

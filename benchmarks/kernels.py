@@ -24,7 +24,14 @@ import jax
 import jax.numpy as jnp
 
 from banax import get_solver
-from banax.cli.bench import DEFAULT_SOLVERS, _f_spec, _SolveOnly, _solver_item, problem
+from banax.benchmark import (
+    DEFAULT_SOLVERS,
+    SolveOnly,
+    f_spec,
+    parse_solver_item,
+    problem,
+    solver_options,
+)
 
 _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast"}
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = .*? ([a-z][\w\-]*)\(")
@@ -51,13 +58,13 @@ def loop_bodies(hlo: str) -> dict[str, list[str]]:
 
 def compiled_solve(item: str) -> str:
     """The optimised HLO of the benchmark's forward solve by the solver `item`."""
-    shared = dict(atol=1e-4, rtol=0.0, max_steps=2000, batch_axis=0)
-    name, options = _solver_item("kernels.py", item, shared)
+    shared = solver_options(1e-4, 2000)
+    name, options = parse_solver_item("kernels.py", item, shared)
     solver = get_solver(name, **shared, **options)
     params, x = problem(64, 512, 0)
 
     def forward(params, x):
-        return _SolveOnly(solver)(_f_spec(params, x), jnp.zeros_like(x)).value
+        return SolveOnly(solver)(f_spec(params, x), jnp.zeros_like(x)).value
 
     return jax.jit(forward).lower(params, x).compile().as_text()
 

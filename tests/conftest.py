@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import hypothesis
 
@@ -6,6 +7,11 @@ import hypothesis
 hypothesis.settings.register_profile("banax", deadline=None, max_examples=25)
 hypothesis.settings.load_profile("banax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A persistent compilation cache: a rerun of the suite, the xdist workers and the
+# subprocesses the tests start (which inherit this environment) reuse compiled programs.
+COMPILATION_CACHE = Path(__file__).resolve().parents[1] / ".pytest_cache" / "d" / "jax-cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(COMPILATION_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 
@@ -16,3 +22,9 @@ jax.config.update("jax_enable_x64", True)
 # every rank broadcast in banax must be explicit.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first, so that under xdist they overlap the many short
+    ones instead of trailing after them on one worker."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -53,6 +53,7 @@ def test_shifted_translates_each_image_within_the_limit():
     assert np.all((moved == 5.0) | (moved == images[0, 0, 0, 0]))
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_reports_both_solves(small, optax_promotion):
     solver = {"name": "anderson", "batch_axis": 0, "rtol": 1e-3, "max_steps": 20}
     adjoint = banax.get_adjoint("implicit", solver=solver, b_solver=solver,
@@ -82,6 +83,7 @@ def test_training_lowers_the_loss_and_reports_both_solves(small, optax_promotion
     assert median[-1] < 0.1 * median[0]
 
 
+@pytest.mark.slow
 def test_the_study_reports_every_column(tmp_path, optax_promotion):
     report = tmp_path / "study.json"
     plots = tmp_path / "plots"

@@ -6,10 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import dense_implicit_grad
 
 from banax.cli import main
 
@@ -58,11 +56,12 @@ def test_plugins_with_autoload_off_hides_third_party_plugins():
 TINY = ("--batch", "3", "--size", "16", "--repeats", "1", "--max-steps", "100")
 
 
-def _bench_problem(batch: int, features: int) -> tuple[dict, np.ndarray, np.ndarray]:
-    from banax.cli.bench import problem
+def _bench_problem(batch: int, features: int) -> tuple[dict, np.ndarray]:
+    """The benchmark problem of `banax bench --batch B --size N`, in float64 NumPy."""
+    from banax.benchmark import problem
 
     params, x = problem(batch, features, seed=0)
-    return {k: np.asarray(v, np.float64) for k, v in params.items()}, np.asarray(x, np.float64), x
+    return {k: np.asarray(v, np.float64) for k, v in params.items()}, np.asarray(x, np.float64)
 
 
 def _picard_steps(params: dict, x: np.ndarray, tol: float) -> np.ndarray:
@@ -80,39 +79,7 @@ def _picard_steps(params: dict, x: np.ndarray, tol: float) -> np.ndarray:
     raise AssertionError("Picard did not converge on the benchmark problem")
 
 
-def test_bench_problem_matches_the_spec():
-    from banax.cli.bench import problem
-
-    params, x = problem(8, 64, seed=1)
-    assert all(v.dtype == np.float32 for v in (*params.values(), x))
-    w = np.asarray(params["W"], np.float64)
-    np.testing.assert_array_equal(w, w.T)
-    np.testing.assert_allclose(np.linalg.eigvalsh(w), np.linspace(0, 0.98, 64), atol=1e-5)
-    assert x.shape == (8, 64) and params["U"].shape == (64, 64)
-    assert 0.15 < np.std(np.asarray(x)) < 0.25
-
-
-def test_bench_reference_gradient_is_the_dense_implicit_gradient():
-    from banax.cli.bench import reference_gradient
-
-    params, x64, x = _bench_problem(2, 6)
-    injection = x64 @ params["U"].T + params["b"]
-    z = np.zeros_like(injection)
-    for _ in range(3000):
-        z = np.tanh(z @ params["W"].T + injection)
-    target = np.roll(x64, 1, axis=0)
-
-    def f(z, theta):
-        w, u, b = theta
-        return jnp.tanh(z @ w.T + x64 @ u.T + b[None, :])
-
-    theta = tuple(jnp.asarray(params[k]) for k in ("W", "U", "b"))
-    expected = dense_implicit_grad(f, jnp.asarray(z), theta, jnp.asarray(z - target))
-    got = reference_gradient({k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, x)
-    for name, want in zip(("W", "U", "b"), expected):
-        np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-9)
-
-
+@pytest.mark.slow
 def test_bench_solvers_table_json_and_plot(tmp_path):
     report, plot = tmp_path / "bench.json", tmp_path / "residuals.png"
     out = run("bench", *TINY, "--solvers", "picard,reversible", "--no-train",
@@ -120,7 +87,7 @@ def test_bench_solvers_table_json_and_plot(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     rows = {r["solver"]: r for r in json.loads(report.read_text())["solvers"]}
     assert set(rows) == {"picard", "reversible"}
-    params, x, _ = _bench_problem(3, 16)
+    params, x = _bench_problem(3, 16)
     expected = _picard_steps(params, x, 1e-4)
     picard, reversible = rows["picard"], rows["reversible"]
     assert abs(picard["steps"] - expected.max()) <= 1
@@ -137,6 +104,7 @@ def test_bench_solvers_table_json_and_plot(tmp_path):
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_bench_cells_times_each_cell_against_its_equinox_twin(tmp_path):
     report = tmp_path / "cells.json"
     out = run("bench", "--task", "cells", "--cells", "conv,mlp", "--adjoints", "implicit,jfb",
@@ -165,6 +133,7 @@ def test_bench_cells_bad_options():
     assert out.returncode == 2 and "--task cells times the adjoints" in out.stdout
 
 
+@pytest.mark.slow
 def test_bench_adjoints_gradient_error_and_memory(tmp_path):
     report = tmp_path / "adjoints.json"
     out = run("bench", *TINY, "--adjoints", "implicit,jfb,bptt", "--forward", "picard",
@@ -211,7 +180,7 @@ def test_bench_solver_items_label_rows_and_reach_the_solver(tmp_path):
     assert rows["relaxed:damp=1.0"]["options"] == {"damp": 1.0}
     assert rows["relaxed"]["options"] == {}
     # Relaxed iteration with damp=1 is Picard: the steps of the closed-form iteration.
-    params, x, _ = _bench_problem(3, 16)
+    params, x = _bench_problem(3, 16)
     expected = _picard_steps(params, x, 1e-4)
     for label in ("picard", "relaxed:damp=1.0"):
         assert abs(rows[label]["steps"] - expected.max()) <= 1, label
@@ -221,46 +190,6 @@ def test_bench_solver_items_label_rows_and_reach_the_solver(tmp_path):
     for row in rows.values():
         assert row["converged"]
         assert f"| {row['solver']} | {row['steps']} / " in out.stdout
-
-
-def test_bench_solver_item_values_are_literals_or_bare_words():
-    from banax.cli.bench import _solver_item
-
-    shared = {"atol": 1e-4, "rtol": 0.0, "max_steps": 10, "batch_axis": 0}
-    assert _solver_item("--solvers", "anderson", shared) == ("anderson", {})
-    assert _solver_item("--solvers", " anderson : depth = 10 : damp=1.0 ", shared) == (
-        "anderson", {"depth": 10, "damp": 1.0}
-    )
-    name, options = _solver_item(
-        "--solvers", "anderson:use_linalg=False:ridge=None:loop_kind='bounded'", shared
-    )
-    assert options == {"use_linalg": False, "ridge": None, "loop_kind": "bounded"}
-    assert type(options["use_linalg"]) is bool
-    assert _solver_item("--solvers", "anderson:loop_kind=lax:damp=-5e-1", shared)[1] == {
-        "loop_kind": "lax", "damp": -0.5
-    }
-
-
-def test_bench_targets_read_only_the_default_configurations():
-    from banax.cli.bench import _targets
-
-    def row(label: str, overhead: float, steps: int) -> dict:
-        name, _, options = label.partition(":")
-        return {"solver": label, "name": name, "options": {"o": 1} if options else {},
-                "overhead": overhead, "steps": steps, "forward_f": 10 * overhead,
-                "train_f": 20 * overhead, "converged": True}
-
-    # The configured rows are faster and come last, so a lookup by name would take them.
-    rows = [row("picard", 1.05, 100), row("anderson", 1.2, 40),
-            row("picard:o=1", 1.0, 90), row("anderson:o=1", 1.0, 10)]
-    targets = {t["what"]: t["value"] for t in _targets(rows, train=True)}
-    assert targets == {
-        "picard overhead": 1.05, "anderson overhead": 1.2,
-        "anderson steps / picard steps": 0.4,
-        "fastest forward (picard), in t_f": 10.5,
-        "fastest training step (picard), in t_f": 21.0,
-    }
-    assert _targets([row("anderson:o=1", 1.0, 10)], train=False) == []
 
 
 @pytest.mark.parametrize(("items", "words"), [
@@ -289,18 +218,7 @@ def test_bench_bad_solver_items_are_refused_before_anything_runs(capsys, items, 
         assert word in out, out
 
 
-def test_bench_forward_takes_the_same_items(capsys):
-    from banax.cli import build_parser
-    from banax.cli.bench import _adjoint
-
-    args = build_parser().parse_args(["bench", "--forward", "anderson:depth=2:damp=1.0"])
-    implicit = _adjoint("implicit+picard", args, 50)
-    assert (implicit.solver.depth, implicit.solver.damp, implicit.solver.max_steps) == (
-        2, 1.0, 50
-    )
-    # A solver the adjoint names itself does not take the --forward options.
-    assert type(_adjoint("gdeq", args, 50).solver).__name__ == "Broyden"
-    assert type(implicit.b_solver).__name__ == "Picard"
+def test_bench_forward_items_are_refused_like_solver_items(capsys):
     for forward, word in (("anderson:max_steps=3", "sets max_steps"),
                           ("anderson:depth", "'depth' is not KEY=VALUE"),
                           ("anderson:nope=1", "has no option(s) nope")):

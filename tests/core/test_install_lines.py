@@ -39,6 +39,7 @@ def test_readme_has_the_whole_demo_and_selective_install_lines():
     assert len(WHOLE_LINES) == 2, LINES
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv to build a fresh venv")
 @pytest.mark.parametrize("line", WHOLE_LINES)
 def test_install_line_works_in_a_fresh_venv(line, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import banax
-from banax.cli.bench import _SolveOnly
+from banax.benchmark import SolveOnly
 
 # f(z) = z / 2 + c has the fixed point 2c; with c = 1e19 its squares overflow float32.
 C = 1e19
@@ -45,7 +45,7 @@ def test_a_huge_state_is_not_reported_converged_before_it_is(name):
     solver = banax.get_solver(name, rtol=1e-5, atol=0.0, max_steps=100)
     c = jnp.full((N,), C, jnp.float32)
     z0 = jnp.full((N,), 2 * C * (1 - 5e-4), jnp.float32)
-    sol = _SolveOnly(solver)((halfway, (c,)), z0)
+    sol = SolveOnly(solver)((halfway, (c,)), z0)
     assert int(sol.result) == banax.Result.CONVERGED
     assert int(sol.stats.steps) > 0
     assert np.allclose(np.asarray(sol.value), 2 * C, rtol=1e-5)

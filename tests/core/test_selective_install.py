@@ -41,6 +41,7 @@ else:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("uv") is None, reason="needs uv to build a fresh venv")
 def test_core_alone_then_core_plus_solvers_install_and_work(tmp_path):
     python = fresh_venv(tmp_path / "venv")

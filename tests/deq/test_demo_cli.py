@@ -21,6 +21,7 @@ def _banax(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_demo_trains_to_high_accuracy_and_plots(tmp_path):
     plot = tmp_path / "residual.png"
     run = _banax("demo", "--epochs", "10", "--seed", "1", "--plot", str(plot))

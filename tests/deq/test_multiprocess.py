@@ -16,6 +16,7 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import numpy as np
+import pytest
 
 from deq.multiprocess_worker import SEED, STEPS, arrays, page_program
 
@@ -66,6 +67,7 @@ def run_two_processes(out: Path) -> None:
         assert proc.returncode == 0, f"process {i} failed:\n{log[-6000:]}"
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_device(tmp_path):
     run_two_processes(tmp_path)
 

@@ -15,6 +15,7 @@ from banax.parallel import data_mesh, shard_batch
 HERE = Path(__file__).parent
 
 
+@pytest.mark.slow
 def test_sharded_training_step_matches_one_device():
     # The device count is fixed when JAX starts, hence a fresh interpreter.
     env = {

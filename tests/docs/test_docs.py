@@ -1,15 +1,14 @@
-"""Docs are code: every ```python block of README.md and docs/*.md runs as written.
+"""Docs are code: every ```python block of README.md and docs/**/*.md runs as written.
 
 Each page runs in its own fresh interpreter (`run_page.py`), its blocks in order in one
 namespace, the way a reader pastes them into a session: default JAX configuration
 (float32, none of the suite's strict promotion modes), on the CPU, in an empty working
-directory. Pages run concurrently, one per core; each page is its own test case.
+directory. Each page is its own test case, so pytest-xdist spreads pages over the cores.
 """
 
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from docs.run_page import python_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).with_name("run_page.py")
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # A page is an example, not a benchmark: one that needs minutes has outgrown the docs.
 PAGE_TIMEOUT_S = 240
 
@@ -28,6 +27,9 @@ def reader_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_", "XLA_", "BANAX_")) and k != "PYTHONPATH"}
     env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    # Only a cache of compiled programs is kept from the suite: it changes no result.
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
     return env
 
 
@@ -41,19 +43,10 @@ def run_page(page: Path, cwd: Path) -> subprocess.CompletedProcess | str:
         return f"{page.relative_to(ROOT)} did not finish within {PAGE_TIMEOUT_S} s"
 
 
-@pytest.fixture(scope="module")
-def page_runs(request, tmp_path_factory):
-    """Start every selected page at once (one worker per core); tests wait on theirs."""
-    selected = [item.callspec.params["page"] for item in request.session.items
-                if getattr(item, "originalname", None) == "test_page_runs"]
-    with ThreadPoolExecutor(max(1, min(len(selected), os.cpu_count() or 1))) as pool:
-        yield {page: pool.submit(run_page, page, tmp_path_factory.mktemp(page.stem))
-               for page in selected}
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_page_runs(page, page_runs):
-    run = page_runs[page].result()
+def test_page_runs(page, tmp_path):
+    run = run_page(page, tmp_path)
     if isinstance(run, str):
         pytest.fail(run, pytrace=False)
     if run.returncode != 0:

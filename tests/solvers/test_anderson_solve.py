@@ -9,7 +9,7 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-from banax.cli.bench import _f_spec, _SolveOnly, problem
+from banax.benchmark import SolveOnly, f_spec, problem
 from banax.solver import Anderson
 from banax_solvers.anderson import _cholesky_solve
 from hypothesis import given, settings
@@ -60,7 +60,7 @@ def test_the_unrolled_step_compiles_without_library_calls_or_inner_loops():
     solver = Anderson(use_linalg=False, atol=1e-4, rtol=0.0, batch_axis=0)
 
     def forward(params, x):
-        return _SolveOnly(solver)(_f_spec(params, x), jnp.zeros_like(x)).value
+        return SolveOnly(solver)(f_spec(params, x), jnp.zeros_like(x)).value
 
     hlo = jax.jit(forward).lower(params, x).compile().as_text()
     assert hlo.count(" while(") == 1

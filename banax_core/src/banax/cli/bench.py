@@ -1,6 +1,6 @@
 """`banax bench`: the standard DEQ benchmark, run on registered solvers or adjoints.
 
-The problem (SPEC §5) is one DEQ layer on a batch,
+The problem is one DEQ layer on a batch,
 
     f(z) = tanh(z Wᵀ + x Uᵀ + b),   z of shape (64, 512), float32,
 
@@ -36,68 +36,50 @@ hits both), and each figure is the median over `--repeats` runs.
 Everything goes through the registry (`get_solver`, `get_adjoint`), so a third-party
 solver is benchmarked by naming it in `--solvers`. An item `NAME:KEY=VALUE[:KEY=VALUE...]`
 benchmarks that solver with those options as well (`anderson:depth=10:damp=1.0`); its row
-is labelled with the item as typed, and the SPEC §5 targets read only the rows of plain
-names, i.e. of the default configurations.
+is labelled with the item as typed, and the targets (an overhead of at most 1.10 for
+Picard, 1.30 for Anderson and 1.40 for Broyden; Anderson in at most half of Picard's
+steps; the fastest forward solve in at most 30 `t_f` and training step in 60) read only
+the rows of plain names, i.e. of the default configurations.
 
 `--task mnist` runs the adjoint study instead: the MNIST DEQ of `banax demo --data
 mnist` trained under each adjoint (see `banax.cli.bench_mnist`). `--task cells` times a
 training step of each `banax.nn` cell against the same cell written from plain Equinox
 layers (see `banax.cli.bench_cells`).
+
+The measuring itself (the problem, the reference gradient, compilation, interleaved
+timing, the tables) is `banax.benchmark`, for scripts that measure the same way.
 """
 
 import argparse
-import ast
 import importlib
 import json
 import os
-import platform
-import time
-from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._adjoint import Adjoint, solve
-from .._loop import FlatSolution
-from .._problem import Problem
-from .._registry import UnknownNameError, get_adjoint, get_solver
-from .._solver import Solver
-from ..utils import trace_count, trace_history
-
-Params = dict[str, jax.Array]
-
-DEFAULT_SOLVERS = "picard,relaxed,reversible,broyden,anderson"
-# Training-step learning rate: the update is part of the timed step, its size is not.
-_LR = 1e-4
-# SPEC §5 targets: overhead per solver, and the best solver's cost in units of t_f.
-_OVERHEAD_TARGETS = {"picard": 1.10, "anderson": 1.30, "broyden": 1.40}
-_FORWARD_TARGET = 30.0
-_TRAIN_TARGET = 60.0
-
-
-# The adjoint configurations of `--adjoints`: label -> (registry name, options). Solver
-# options are registry specs completed in `_adjoint` with the benchmark's shared options
-# (tolerance, `max_steps`, batch mode); a spec without a "name" is the `--forward`
-# solver. "bicgstab" stands for a lineax BiCGStab backward solve.
-ADJOINTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "implicit": ("implicit", {"solver": {}, "b_solver": {}}),
-    "implicit+picard": ("implicit", {"solver": {}, "b_solver": {"name": "picard"}}),
-    "implicit+bicgstab": ("implicit", {"solver": {}, "b_solver": "bicgstab"}),
-    "jfb": ("jfb", {"solver": {}}),
-    "gdeq": ("gdeq", {"solver": {"name": "broyden"}}),
-    "unroll_phantom": (
-        "unroll_phantom", {"solver": {}, "b_solver": {"name": "picard", "max_steps": 5}}
-    ),
-    "neumann_phantom": (
-        "neumann_phantom", {"solver": {}, "b_solver": {"name": "picard", "max_steps": 5}}
-    ),
-    "bptt": ("bptt", {"solver": {"loop_kind": "checkpointed"}}),
-    "reversible": ("reversible", {"solver": {"name": "reversible"}}),
-}
-DEFAULT_ADJOINTS = ",".join(ADJOINTS)
-
+from banax import UnknownNameError, get_adjoint, get_solver
+from banax.benchmark import (
+    ADJOINTS,
+    DEFAULT_ADJOINTS,
+    DEFAULT_SOLVERS,
+    WIDE_FACTOR,
+    adjoint_table,
+    build_adjoint,
+    compile_timed,
+    describe_machine,
+    f_loop,
+    measure_adjoint,
+    measure_solver,
+    parse_solver_item,
+    problem,
+    reference_gradient,
+    residual_curve,
+    solver_options,
+    solver_table,
+    targets,
+)
 
 TASKS = ("solvers", "adjoints", "mnist", "cells")
 
@@ -181,103 +163,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def problem(batch: int, features: int, seed: int) -> tuple[Params, jax.Array]:
-    """Parameters `{W, U, b}` and inputs `x` of the benchmark problem, in float32."""
-    k_q, k_u, k_x = jax.random.split(jax.random.key(seed), 3)
-    q, _ = jnp.linalg.qr(jax.random.normal(k_q, (features, features), jnp.float32))
-    w = (q * jnp.linspace(0.0, 0.98, features, dtype=jnp.float32)[None, :]) @ q.T
-    params = {
-        "W": (w + w.T) / 2,  # exactly symmetric despite rounding
-        "U": jax.random.normal(k_u, (features, features), jnp.float32) / features**0.5,
-        "b": jnp.zeros(features, jnp.float32),
-    }
-    x = 0.2 * jax.random.normal(k_x, (batch, features), jnp.float32)
-    return params, x
-
-
-def _cell(z: jax.Array, w: jax.Array, injection: jax.Array) -> jax.Array:
-    return jnp.tanh(z @ w.T + injection)
-
-
-def _f_spec(params: Params, x: jax.Array) -> tuple[Callable[..., jax.Array], tuple]:
-    return _cell, (params["W"], x @ params["U"].T + params["b"][None])
-
-
-def _target(x: jax.Array) -> jax.Array:
-    """What the training loss `½ ‖z* − target‖²` pulls the equilibrium towards."""
-    return jnp.roll(x, 1, axis=0)
-
-
-class _SolveOnly(Adjoint):
-    """The bare forward solve, so that the forward timing needs no adjoint plugin."""
-
-    solver: Solver
-
-    def solve(self, problem: Problem) -> FlatSolution:
-        return solve(self.solver, problem)
-
-
-def _f_loop(params: Params, x: jax.Array, n: jax.Array) -> jax.Array:
-    """`n` evaluations of `f` in one compiled loop: the baseline of `overhead`."""
-    cell, (w, injection) = _f_spec(params, x)
-    return jax.lax.fori_loop(0, n, lambda _, z: cell(z, w, injection), jnp.zeros_like(x))
-
-
-def _train_step(adjoint: Adjoint, x: jax.Array) -> Callable[[Params], Any]:
-    """One SGD step on `½ ‖z* − target‖²`; returns `(loss, grads, new params)`."""
-    target = _target(x)
-
-    def loss(params: Params) -> jax.Array:
-        sol = adjoint(_f_spec(params, x), jnp.zeros_like(x))
-        return 0.5 * jnp.sum((sol.value - target) ** 2)
-
-    def step(params: Params) -> tuple[jax.Array, Params, Params]:
-        value, grads = jax.value_and_grad(loss)(params)
-        return value, grads, jax.tree.map(lambda p, g: p - _LR * g, params, grads)
-
-    return step
-
-
-def _compile(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    """`fn` compiled for `args`, and the seconds tracing and compilation took."""
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-    return compiled, time.perf_counter() - start
-
-
-def _interleaved(calls: list[tuple[Callable[..., Any], tuple]], repeats: int) -> np.ndarray:
-    """Wall times, shape `(repeats, len(calls))`, of already compiled calls.
-
-    Each call runs once untimed first; then the calls take turns, so that load from
-    elsewhere on the machine falls on all of them alike and ratios stay meaningful.
-    """
-    for fn, args in calls:
-        jax.block_until_ready(fn(*args))
-    times = np.empty((max(repeats, 1), len(calls)))
-    for r in range(times.shape[0]):
-        for i, (fn, args) in enumerate(calls):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[r, i] = time.perf_counter() - start
-    return times
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            names = [line.split(":", 1)[1].strip() for line in info if "model name" in line]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    device = jax.devices()[0]
-    return (
-        f"{cpu}, {cores} cores available; JAX {jax.__version__} on "
-        f"{device.platform} ({device.device_kind}); Python {platform.python_version()}"
-    )
-
-
 def _error(message: str) -> int:
     print(f"banax bench: error: {message}")
     return 2
@@ -306,56 +191,6 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
-def _solver_item(
-    option: str, item: str, shared: dict[str, Any]
-) -> tuple[str, dict[str, Any]]:
-    """The registry name and options of one `NAME[:KEY=VALUE...]` item of `option`.
-
-    A value is a Python literal (`10`, `1.0`, `False`, `None`, `'lax'`) or, failing
-    that, a bare word taken as a string (`lax`). Raises `ValueError` on a malformed item
-    or on a key of `shared`, the options that define the benchmark for every solver.
-    """
-    name, *pairs = (part.strip() for part in item.split(":"))
-    example = "e.g. anderson:depth=10:damp=1.0"
-    if not name:
-        raise ValueError(f"{option} item {item!r} names no solver; write NAME or "
-                         f"NAME:KEY=VALUE, {example}.")
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, equals, text = (p.strip() for p in pair.partition("="))
-        if not (equals and key.isidentifier() and text):
-            raise ValueError(f"{option} item {item!r}: {pair!r} is not KEY=VALUE; "
-                             f"write the options as NAME:KEY=VALUE[:KEY=VALUE...], {example}.")
-        if key in shared:
-            raise ValueError(f"{option} item {item!r} sets {key}, which the benchmark "
-                             f"sets for every solver ({_settings(shared)}); change "
-                             "--tol or --max-steps instead.")
-        if key in options:
-            raise ValueError(f"{option} item {item!r} sets {key} twice.")
-        options[key] = _literal(option, item, text)
-    return name, options
-
-
-def _settings(options: dict[str, Any]) -> str:
-    return ", ".join(f"{key}={value!r}" for key, value in options.items())
-
-
-def _literal(option: str, item: str, text: str) -> Any:
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        if text.isidentifier():
-            return text
-        raise ValueError(f"{option} item {item!r}: {text!r} is neither a Python literal "
-                         "nor a bare word; quote a string, e.g. loop_kind='lax'.") from None
-    # Scalars only: a list or tuple could not hold a comma anyway, and rows go to JSON.
-    if value is not None and not isinstance(value, (bool, int, float, str)):
-        raise ValueError(f"{option} item {item!r}: {text!r} is a "
-                         f"{type(value).__name__}; a value is a number, True, False, None "
-                         "or a string.")
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by `args` (see `add_arguments`) and print the table.
 
@@ -371,16 +206,16 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "solvers" and args.adjoints is not None:
         return _error("--task solvers compares solvers; drop --adjoints, or use "
                       "--task adjoints.")
-    problem = _missing_directory("--json", args.json)
-    if problem:
-        return _error(problem)
+    issue = _missing_directory("--json", args.json)
+    if issue:
+        return _error(issue)
     if args.task == "mnist":
         return _run_mnist(args)
     if args.task == "cells":
         return _run_cells(args)
-    problem = _missing_directory("--plot", args.plot)
-    if problem:
-        return _error(problem)
+    issue = _missing_directory("--plot", args.plot)
+    if issue:
+        return _error(issue)
     if args.task == "adjoints" and args.adjoints is None:
         args.adjoints = DEFAULT_ADJOINTS
     plt = None
@@ -415,7 +250,7 @@ def _run_cells(args: argparse.Namespace) -> int:
     args.adjoints = ",".join(names)
     print(f"banax bench --task cells: batch {args.batch}, {args.cell_steps} solver steps, "
           f"{args.repeats} timed rounds")
-    print(f"machine: {_machine()}")
+    print(f"machine: {describe_machine()}")
     rows = bench_cells.run_cells_benchmark(args)
     print(bench_cells.format_table(rows))
     if args.json is not None:
@@ -432,18 +267,18 @@ def _run_mnist(args: argparse.Namespace) -> int:
                if _importable(m) is None]
     if missing:
         return _error(f"--task mnist needs {', '.join(missing)}: pip install 'banax[demo]'.")
-    problem = bench_mnist.check_arguments(args)
-    if problem:
-        return _error(problem)
+    issue = bench_mnist.check_arguments(args)
+    if issue:
+        return _error(issue)
     plt = _load_pyplot() if args.plot else None
     print(f"banax bench --task mnist: {args.epochs} epochs on {args.train_images} images, "
           f"batch {args.batch}, per adjoint")
-    print(f"machine: {_machine()}")
+    print(f"machine: {describe_machine()}")
     report = bench_mnist.run_mnist_study(args)
     if plt is not None:
         for path in bench_mnist.plot(plt, report["adjoints"], args.plot):
             print(f"plot saved to {path}")
-    _write_json(args, {"machine": _machine(), **report})
+    _write_json(args, {"machine": describe_machine(), **report})
     return 0
 
 
@@ -458,19 +293,13 @@ def _header(args: argparse.Namespace) -> dict[str, Any]:
     info = {
         "problem": f"f(z) = tanh(z Wᵀ + x Uᵀ + b), z of shape ({args.batch}, "
         f"{args.features}), float32, per-sample ‖f(z) − z‖ ≤ {args.tol:g}",
-        "machine": _machine(),
+        "machine": describe_machine(),
         "batch": args.batch, "features": args.features, "tol": args.tol,
         "max_steps": args.max_steps, "repeats": args.repeats, "seed": args.seed,
     }
     print(f"banax bench: {info['problem']}")
     print(f"machine: {info['machine']}")
     return info
-
-
-def _options(args: argparse.Namespace, max_steps: int | None = None) -> dict[str, Any]:
-    """The options every benchmarked solver gets."""
-    return dict(atol=args.tol, rtol=0.0, max_steps=max_steps or args.max_steps,
-                batch_axis=0)
 
 
 def _write_json(args: argparse.Namespace, report: dict[str, Any]) -> None:
@@ -491,9 +320,9 @@ def _run_solvers(args: argparse.Namespace, plt: Any) -> int:
     if repeated:
         return _error(f"--solvers lists {', '.join(map(repr, repeated))} more than once; "
                       "each item is one row of the table.")
-    shared = _options(args)
+    shared = solver_options(args.tol, args.max_steps)
     try:
-        items = {label: _solver_item("--solvers", label, shared) for label in labels}
+        items = {label: parse_solver_item("--solvers", label, shared) for label in labels}
         solvers = {label: get_solver(name, **shared, **options)
                    for label, (name, options) in items.items()}
     except (UnknownNameError, TypeError, ValueError) as error:
@@ -510,110 +339,27 @@ def _run_solvers(args: argparse.Namespace, plt: Any) -> int:
 
     report = _header(args)
     params, x = problem(args.batch, args.features, args.seed)
-    f_loop, _ = _compile(_f_loop, params, x, jnp.asarray(1))
+    loop, _ = compile_timed(f_loop, params, x, jnp.asarray(1))
     rows, curves = [], {}
     for label, solver in solvers.items():
         name, options = items[label]
-        row = _measure_solver(label, solver, params, x, f_loop, args.repeats, train)
+        row = measure_solver(label, solver, params, x, loop, args.repeats, train)
         rows.append({**row, "name": name, "options": options})
         if plt is not None:
-            curves[label] = _residual_curve(solver, params, x, row["evals"])
-    targets = _targets(rows, train)
+            curves[label] = residual_curve(solver, params, x, row["evals"])
+    checks = targets(rows, train)
     print()
-    print(_solver_table(rows, train))
-    if targets:
-        print("\ntargets (SPEC §5):")
-        for t in targets:
+    print(solver_table(rows, train))
+    if checks:
+        print("\ntargets (default options):")
+        for t in checks:
             print(f"  {'ok  ' if t['ok'] else 'MISS'} {t['what']}: {t['value']:.2f} "
                   f"(target ≤ {t['limit']:.2f})")
     if plt is not None:
         _plot(plt, curves, args)
         print(f"\nplot saved to {args.plot}")
-    _write_json(args, {**report, "solvers": rows, "targets": targets})
+    _write_json(args, {**report, "solvers": rows, "targets": checks})
     return 0
-
-
-def _measure_solver(
-    label: str, solver: Solver, params: Params, x: jax.Array,
-    f_loop: Callable[..., Any], repeats: int, train: bool,
-) -> dict[str, Any]:
-    def forward(params: Params, x: jax.Array) -> Any:
-        sol = _SolveOnly(solver)(_f_spec(params, x), jnp.zeros_like(x), trace=trace_count())
-        return sol.stats.steps, sol.trace, jnp.max(sol.stats.abs_err)
-
-    compiled, compile_s = _compile(forward, params, x)
-    steps, evals, worst = jax.device_get(compiled(params, x))
-    evals = int(evals)
-    calls = [(compiled, (params, x)), (f_loop, (params, x, jnp.asarray(evals)))]
-    if train:
-        adjoint = get_adjoint("implicit", solver=solver, b_solver=solver)
-        step, _ = _compile(_train_step(adjoint, x), params)
-        calls.append((step, (params,)))
-    times = _interleaved(calls, repeats)
-    t_f = times[:, 1] / evals  # per repeat: the unit measured next to the solve
-    row = {
-        "solver": label,
-        "steps": int(np.max(steps)),
-        "mean_steps": float(np.mean(steps)),
-        "evals": evals,
-        "converged": bool(worst <= solver.atol),
-        "forward_ms": 1e3 * float(np.median(times[:, 0])),
-        "forward_f": float(np.median(times[:, 0] / t_f)),
-        "overhead": float(np.median(times[:, 0] / times[:, 1])),
-        "compile_s": compile_s,
-        "t_f_ms": 1e3 * float(np.median(t_f)),
-    }
-    if train:
-        row["train_ms"] = 1e3 * float(np.median(times[:, 2]))
-        row["train_f"] = float(np.median(times[:, 2] / t_f))
-    return row
-
-
-def _targets(rows: list[dict[str, Any]], train: bool) -> list[dict[str, Any]]:
-    """The SPEC §5 targets that the solvers run can be checked against.
-
-    The targets are about the solvers' default options, so only the rows of plain names
-    count: `anderson:depth=10` is neither "the anderson row" nor a fastest solver.
-    """
-    plain = [r for r in rows if not r["options"]]
-    by_name = {r["name"]: r for r in plain}
-    out = []
-
-    def add(what: str, value: float, limit: float) -> None:
-        out.append({"what": what, "value": value, "limit": limit, "ok": value <= limit})
-
-    for name, limit in _OVERHEAD_TARGETS.items():
-        if name in by_name:
-            add(f"{name} overhead", by_name[name]["overhead"], limit)
-    if "anderson" in by_name and "picard" in by_name:
-        add("anderson steps / picard steps", by_name["anderson"]["steps"]
-            / by_name["picard"]["steps"], 0.5)
-    converged = [r for r in plain if r["converged"]]
-    if converged:
-        best = min(converged, key=lambda r: r["forward_f"])
-        add(f"fastest forward ({best['solver']}), in t_f", best["forward_f"], _FORWARD_TARGET)
-        if train:
-            best = min(converged, key=lambda r: r["train_f"])
-            add(f"fastest training step ({best['solver']}), in t_f", best["train_f"],
-                _TRAIN_TARGET)
-    return out
-
-
-def _residual_curve(solver: Solver, params: Params, x: jax.Array, evals: int) -> np.ndarray:
-    """The largest per-sample residual at every evaluation of `f`."""
-
-    def worst(z: jax.Array, fz: jax.Array, aux: Any) -> jax.Array:
-        return jnp.max(jnp.linalg.norm(fz - z, axis=-1))
-
-    @jax.jit
-    def traced(params: Params, x: jax.Array) -> Any:
-        sol = _SolveOnly(solver)(
-            _f_spec(params, x), jnp.zeros_like(x), trace=trace_history(worst, n_evals=evals)
-        )
-        return sol.trace
-
-    count, history = jax.device_get(traced(params, x))
-    return np.asarray(history[: min(int(count), evals)])
 
 
 def _plot(plt: Any, curves: dict[str, np.ndarray], args: argparse.Namespace) -> None:
@@ -630,55 +376,7 @@ def _plot(plt: Any, curves: dict[str, np.ndarray], args: argparse.Namespace) -> 
     plt.close(fig)
 
 
-def _markdown(header: list[str], cells: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines)
-
-
-def _solver_table(rows: list[dict[str, Any]], train: bool) -> str:
-    header = ["solver", "steps (max / mean)", "f evals", "forward ms", "forward / t_f",
-              "overhead", "compile s"]
-    if train:
-        header[6:6] = ["train ms", "train / t_f"]
-    cells = []
-    for r in rows:
-        steps = f"{r['steps']} / {r['mean_steps']:.1f}"
-        if not r["converged"]:
-            steps += " (not converged)"
-        row = [r["solver"], steps, str(r["evals"]), f"{r['forward_ms']:.1f}",
-               f"{r['forward_f']:.1f}", f"{r['overhead']:.2f}", f"{r['compile_s']:.1f}"]
-        if train:
-            row[6:6] = [f"{r['train_ms']:.1f}", f"{r['train_f']:.1f}"]
-        cells.append(row)
-    t_f = np.median([r["t_f_ms"] for r in rows])
-    return (_markdown(header, cells) + f"\n\nt_f (one f evaluation on the batch, in a "
-            f"compiled loop): {t_f:.3f} ms")
-
-
 # --- adjoint comparison -----------------------------------------------------------
-
-
-def _adjoint(label: str, args: argparse.Namespace, max_steps: int) -> Adjoint:
-    """The adjoint `label` of `ADJOINTS`, its solvers built with the shared options."""
-    name, spec = ADJOINTS[label]
-    options: dict[str, Any] = {}
-    for key, value in spec.items():
-        if value == "bicgstab":
-            import lineax as lx  # a dependency of banax-adjoints, not of the core
-
-            # lineax measures the largest entry over the whole batch, relative to the
-            # right-hand side's; a tenth of the per-sample tolerance keeps the gradient
-            # error at the level the forward tolerance allows.
-            value = lx.BiCGStab(rtol=args.tol / 10, atol=0.0)
-        elif isinstance(value, dict):
-            # The --forward options belong to the --forward solver, not to a named one.
-            shared = _options(args, max_steps)
-            forward_name, forward_options = _solver_item("--forward", args.forward, shared)
-            forward = {} if "name" in value else {"name": forward_name, **forward_options}
-            value = {**shared, **forward, **value}
-        options[key] = value
-    return get_adjoint(name, **options)
 
 
 def _run_adjoints(args: argparse.Namespace) -> int:
@@ -688,7 +386,14 @@ def _run_adjoints(args: argparse.Namespace) -> int:
         return _error(f"--adjoints takes a comma-separated subset of {DEFAULT_ADJOINTS}; "
                       f"got {args.adjoints!r}.")
     try:
-        adjoints = {label: _adjoint(label, args, args.max_steps) for label in labels}
+        forward = parse_solver_item(
+            "--forward", args.forward, solver_options(args.tol, args.max_steps)
+        )
+        adjoints = {
+            label: tuple(build_adjoint(label, forward, args.tol, steps)
+                         for steps in (args.max_steps, WIDE_FACTOR * args.max_steps))
+            for label in labels
+        }
     except ImportError as error:
         return _error(f"{error}; the adjoint comparison needs banax-adjoints.")
     except (UnknownNameError, TypeError, ValueError) as error:
@@ -696,84 +401,13 @@ def _run_adjoints(args: argparse.Namespace) -> int:
 
     report = _header(args)
     params, x = problem(args.batch, args.features, args.seed)
-    f_loop, _ = _compile(_f_loop, params, x, jnp.asarray(1))
+    loop, _ = compile_timed(f_loop, params, x, jnp.asarray(1))
     reference = reference_gradient(params, x)
     rows = [
-        _measure_adjoint(label, adjoint, args, params, x, f_loop, reference)
-        for label, adjoint in adjoints.items()
+        measure_adjoint(label, adjoint, wide, params, x, loop, reference, args.repeats)
+        for label, (adjoint, wide) in adjoints.items()
     ]
     print()
-    print(_adjoint_table(rows, args.max_steps))
+    print(adjoint_table(rows, args.max_steps))
     _write_json(args, {**report, "adjoints": rows})
     return 0
-
-
-def _measure_adjoint(
-    label: str, adjoint: Adjoint, args: argparse.Namespace, params: Params, x: jax.Array,
-    f_loop: Callable[..., Any], reference: dict[str, np.ndarray],
-) -> dict[str, Any]:
-    step, compile_s = _compile(_train_step(adjoint, x), params)
-    wide, _ = _compile(_train_step(_adjoint(label, args, 4 * args.max_steps), x), params)
-    _, grads, _ = jax.device_get(step(params))
-    n = 20  # f evaluations in the reference loop that measures t_f next to the step
-    times = _interleaved([(step, (params,)), (f_loop, (params, x, jnp.asarray(n)))],
-                         args.repeats)
-    t_f = times[:, 1] / n
-    error = np.sqrt(sum(np.sum((np.asarray(grads[k], np.float64) - reference[k]) ** 2)
-                        for k in reference))
-    scale = np.sqrt(sum(np.sum(reference[k] ** 2) for k in reference))
-    return {
-        "adjoint": label,
-        "solver": type(adjoint.solver).__name__,
-        "train_ms": 1e3 * float(np.median(times[:, 0])),
-        "train_f": float(np.median(times[:, 0] / t_f)),
-        "memory_mb": _temp_mb(step),
-        "memory_wide_mb": _temp_mb(wide),
-        "grad_error": float(error / scale),
-        "compile_s": compile_s,
-    }
-
-
-def _temp_mb(compiled: Any) -> float:
-    """Scratch memory XLA allocates for a compiled computation, in MiB."""
-    return compiled.memory_analysis().temp_size_in_bytes / 2**20
-
-
-def reference_gradient(params: Params, x: jax.Array) -> dict[str, np.ndarray]:
-    """The exact gradient of the training loss, densely in float64 with NumPy.
-
-    Per sample `b`, with `J_b = diag(1 − f(z*)²) W`: Newton's method on `z = f(z)` from
-    zero, `λ_b = (I − J_bᵀ)⁻¹ (z*_b − target_b)`, and with the pre-activation cotangent
-    `μ = λ ⊙ (1 − f(z*)²)`: `W̄ = μᵀ z*`, `Ū = μᵀ x`, `b̄ = Σ_b μ_b`.
-    """
-    w, u, b = (np.asarray(params[k], np.float64) for k in ("W", "U", "b"))
-    xs = np.asarray(x, np.float64)
-    injection = xs @ u.T + b
-    eye = np.eye(w.shape[0])
-    z = np.zeros_like(xs)
-    for _ in range(50):
-        fz = np.tanh(z @ w.T + injection)
-        if np.max(np.abs(fz - z)) < 1e-13:
-            break
-        jac = (1 - fz**2)[:, :, None] * w
-        z = z + np.linalg.solve(eye - jac, (fz - z)[..., None])[..., 0]
-    else:
-        raise RuntimeError("banax bench: Newton's method did not converge on the "
-                           "reference problem.")
-    g = z - np.asarray(_target(x), np.float64)
-    jac = (1 - fz**2)[:, :, None] * w
-    lam = np.linalg.solve(eye - np.swapaxes(jac, 1, 2), g[..., None])[..., 0]
-    mu = lam * (1 - fz**2)
-    return {"W": mu.T @ z, "U": mu.T @ xs, "b": mu.sum(0)}
-
-
-def _adjoint_table(rows: list[dict[str, Any]], max_steps: int) -> str:
-    header = ["adjoint", "forward solver", "train ms", "train / t_f",
-              f"memory MiB (max_steps={max_steps})", f"memory MiB (max_steps={4 * max_steps})",
-              "gradient rel. error", "compile s"]
-    cells = [[r["adjoint"], r["solver"], f"{r['train_ms']:.1f}", f"{r['train_f']:.1f}",
-              f"{r['memory_mb']:.2f}", f"{r['memory_wide_mb']:.2f}",
-              f"{r['grad_error']:.1e}", f"{r['compile_s']:.1f}"] for r in rows]
-    return (_markdown(header, cells) + "\n\nmemory: XLA's temporary allocation for the "
-            "compiled training step; gradient error: relative to the exact implicit "
-            "gradient, computed densely in float64.")

@@ -29,7 +29,6 @@ bench`'s options (`--cells`, `--adjoints`, `--batch`, `--image`, `--channels`,
 """
 
 import argparse
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +40,7 @@ import numpy as np
 
 import banax
 from banax import nn
+from banax.benchmark import interleaved_times
 
 ADJOINTS = {
     "implicit": lambda solver: {"name": "implicit", "solver": solver,
@@ -172,20 +172,15 @@ def run_cells_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
             for impl, c, xs, shape in (("banax.nn", cell, x, shapes[0]),
                                        ("equinox", reference, x_ref, shapes[1])):
                 deq = banax.DEQ(c, adjoint=ADJOINTS[adjoint](solver), state_shape=shape)
-                step = _train_step(deq)
-                jax.block_until_ready(step(c, xs))  # compile and warm up
-                calls.append((impl, step, (c, xs)))
-            times = {impl: [] for impl, _, _ in calls}
-            for _ in range(args.repeats):
-                for impl, step, a in calls:
-                    start = time.perf_counter()
-                    jax.block_until_ready(step(*a))
-                    times[impl].append(1e3 * (time.perf_counter() - start))
+                calls.append((impl, _train_step(deq), (c, xs)))
+            # Compiled and warmed up by the untimed first call of each.
+            ms = 1e3 * interleaved_times([(step, a) for _, step, a in calls], args.repeats)
+            times = {impl: ms[:, i] for i, (impl, _, _) in enumerate(calls)}
             grads = [step(*a)[1] for _, step, a in calls]
             diff = _grad_difference(name, grads[0], grads[1])
             reference_median = float(np.median(times["equinox"]))
             for impl, _, _ in calls:
-                t = np.asarray(times[impl])
+                t = times[impl]
                 rows.append({
                     "cell": name, "impl": impl, "adjoint": adjoint, "shape": shapes[0],
                     "batch": args.batch, "steps": args.cell_steps,

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._adjoint import Adjoint
-from .._registry import get_adjoint
+from banax import Adjoint, get_adjoint
+from banax.benchmark import interleaved_times, markdown_table, temp_memory_mb
 from . import _mnist, _training
 
 ADJOINTS = ("implicit", "jfb", "unroll_phantom", "neumann_phantom", "bptt", "reversible")
@@ -133,8 +133,6 @@ def _step_costs(model: Any, x: np.ndarray, y: np.ndarray,
                 repeats: int) -> tuple[float, float, float]:
     """Forward ms, backward ms (gradient step minus forward) and the gradient step's
     XLA temporary memory in MiB, for one batch."""
-    from .bench import _interleaved
-
     params, static = eqx.partition(model, eqx.is_inexact_array)
     x, y = jnp.asarray(x), jnp.asarray(y)
 
@@ -144,9 +142,9 @@ def _step_costs(model: Any, x: np.ndarray, y: np.ndarray,
 
     forward = jax.jit(loss).lower(params).compile()
     gradient = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
-    times = _interleaved([(forward, (params,)), (gradient, (params,))], repeats)
+    times = interleaved_times([(forward, (params,)), (gradient, (params,))], repeats)
     forward_s, step_s = np.median(times, axis=0)
-    memory = gradient.memory_analysis().temp_size_in_bytes / 2**20
+    memory = temp_memory_mb(gradient)
     return 1e3 * float(forward_s), 1e3 * float(max(step_s - forward_s, 0.0)), float(memory)
 
 
@@ -166,13 +164,11 @@ COLUMNS = ["adjoint", "forward solver", "test accuracy", "train s (wall / CPU)",
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The study's markdown table."""
-    from .bench import _markdown
-
     cells = [[r["adjoint"], r["solver"], f"{100 * r['test_accuracy']:.1f}%",
               f"{r['train_wall_s']:.0f} / {r['train_cpu_s']:.0f}", f"{r['forward_ms']:.1f}",
               f"{r['backward_ms']:.1f}", f"{r['forward_steps']:.1f}",
               f"{r['backward_steps']:.1f}", f"{r['memory_mb']:.1f}"] for r in rows]
-    return _markdown(COLUMNS, cells)
+    return markdown_table(COLUMNS, cells)
 
 
 def plot(plt: Any, rows: list[dict[str, Any]], directory: str) -> list[str]:
