@@ -141,7 +141,7 @@ def test_common_batch_size():
     with pytest.raises(ValueError, match=r"^Mine: in batch mode \(batch_axis=1\) every "
                        r"array of x must carry the batch on axis 1, all with the same "
                        r"size along batch_axis; got x of shapes \[\(4, 2\), \(4,\)\] "
-                       r"\(axis 1 is out of range for shape \(4,\)\)\.$"):
+                       r"\(batch_axis=1 is out of range for shape \(4,\)\)\.$"):
         common_batch_size([(4, 2), (4,)], 1, "x", "Mine")
     with pytest.raises(ValueError, match=r"shapes \[\(4, 2\), \(3, 2\)\]\.$"):
         common_batch_size([(4, 2), (3, 2)], 0, "x")

@@ -116,7 +116,7 @@ def common_batch_size(shapes: Sequence[tuple[int, ...]], axis: int, name: str,
     short = [s for s in shapes if len(s) <= axis]
     sizes = {s[axis] for s in shapes if len(s) > axis}
     if not shapes or short or len(sizes) != 1:
-        why = f" (axis {axis} is out of range for shape {short[0]})" if short else ""
+        why = f" (batch_axis={axis} is out of range for shape {short[0]})" if short else ""
         raise ValueError(
             f"{prefix}in batch mode (batch_axis={axis}) every array of {name} must carry "
             f"the batch on axis {axis}, all with the same size along batch_axis; got "
