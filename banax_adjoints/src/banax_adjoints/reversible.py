@@ -14,29 +14,15 @@ from banax.extend import (
     FlatSolution,
     InvertibleStep,
     Problem,
+    where_per_sample,
 )
 
 from ._validation import check_differentiable_step, check_solver
 
 
-def _where_active(active: jax.Array, new: Any, old: Any) -> Any:
-    """Per sample (batch axis first), `new` where `active` else `old`.
-
-    Scalars are shared by all samples and follow the loop, which ran at every index
-    the walk visits, so they always take `new`.
-    """
-
-    def pick(n: Any, o: Any) -> Any:
-        if not eqx.is_array(n) or n.ndim == 0:
-            return n
-        return jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
-
-    return jax.tree.map(pick, new, old)
-
-
 def _mask(active: jax.Array, cotangent: Any) -> Any:
     """Zero the cotangent rows of inactive samples (scalars are shared: kept)."""
-    return _where_active(active, cotangent, jax.tree.map(jnp.zeros_like, cotangent))
+    return where_per_sample(active, cotangent, jax.tree.map(jnp.zeros_like, cotangent))
 
 
 class Reversible(AbstractBackwardRuleAdjoint):
@@ -120,7 +106,9 @@ class Reversible(AbstractBackwardRuleAdjoint):
                 (_mask(active, z_bar), _mask(active, s_bar))
             )
             p_bar = jax.tree.map(jnp.add, p_bar, p_step)
-            z, s, z_bar, s_bar = _where_active(
+            # Scalars are shared by all samples and follow the loop, which ran at every
+            # index the walk visits, so they always take the new value.
+            z, s, z_bar, s_bar = where_per_sample(
                 active, (z_prev, s_prev, z_bar_prev, s_bar_prev), (z, s, z_bar, s_bar)
             )
             return z, s, z_bar, s_bar, p_bar
