@@ -82,7 +82,7 @@ class AbstractSolver(eqx.Module):
 
     def __check_init__(self) -> None:
         # Runs after the subclasses' checks (Equinox walks the MRO from the subclass),
-        # which therefore use the `banax.check_*` functions that accept NumPy scalars.
+        # which therefore use the `banax.extend.check_*` functions that accept NumPy scalars.
         normalise_options(self)
         for option in ("atol", "rtol"):
             check_real(self, option, getattr(self, option), low=0, why="; 0.0 disables it")
