@@ -50,10 +50,10 @@ class Direct(banax.Adjoint):
     solver: banax.Solver
 
     def solve(self, problem):
-        return banax.solve(self.solver, problem)
+        return banax.extend.solve(self.solver, problem)
 
 
-class DenseImplicit(banax.LinearSolveAdjoint):
+class DenseImplicit(banax.extend.AbstractLinearSolveAdjoint):
     """IFT gradient with λ from a fixed-point solve of λ = g + Jᵀλ."""
 
     solver: banax.Solver
@@ -62,4 +62,4 @@ class DenseImplicit(banax.LinearSolveAdjoint):
     )
 
     def adjoint_solve(self, vjp, g, forward, budget):
-        return banax.solve_flat(self.b_solver, lambda lam: g + vjp(lam), g, budget).z
+        return banax.extend.solve_flat(self.b_solver, lambda lam: g + vjp(lam), g, budget).z

@@ -35,7 +35,7 @@ def test_every_fspec_form_reaches_the_same_fixed_point(f_spec):
 
 
 def test_bind_wraps_a_single_non_tuple_argument():
-    bound = banax.bind((lambda x, w: w @ x, W))
+    bound = banax.extend.bind((lambda x, w: w @ x, W))
     assert bound.args[0] is W and bound.kwargs == {}
 
 

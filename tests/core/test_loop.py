@@ -306,10 +306,10 @@ class TestPrecisionWarning:
     (jnp.complex64, jnp.complex64, jnp.float32), (jnp.complex128, jnp.complex128, jnp.float64),
 ])
 def test_working_and_stats_dtypes(dtype, wide, real):
-    assert banax.working_dtype(dtype) == wide
-    assert banax.stats_dtype(dtype) == real
+    assert banax.extend.working_dtype(dtype) == wide
+    assert banax.extend.stats_dtype(dtype) == real
 
 
 def test_working_dtype_refuses_integers():
     with pytest.raises(TypeError, match="expected a floating or complex dtype, got int32"):
-        banax.working_dtype(jnp.int32)
+        banax.extend.working_dtype(jnp.int32)

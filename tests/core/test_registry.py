@@ -49,7 +49,7 @@ def test_example_plugin_solves_a_nonexpansive_problem_picard_cannot():
         solver: banax.Solver
 
         def solve(self, problem):
-            return banax.solve(self.solver, problem)
+            return banax.extend.solve(self.solver, problem)
 
     # A quarter-turn rotation plus a shift: nonexpansive, so plain iteration cycles
     # forever, but Halpern's anchored iteration converges to (I − R)⁻¹ c.
@@ -168,7 +168,7 @@ def test_get_adjoint_resolves_nested_solvers():
         b_solver: banax.Solver
 
         def solve(self, problem):
-            return banax.solve(self.solver, problem)
+            return banax.extend.solve(self.solver, problem)
 
     class Plugin:
         @banax.hookimpl

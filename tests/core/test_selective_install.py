@@ -26,7 +26,7 @@ from banax.solver import Anderson
 class Plain(banax.Adjoint):
     solver: banax.Solver
     def solve(self, problem):
-        return banax.solve(self.solver, problem)
+        return banax.extend.solve(self.solver, problem)
 
 sol = Plain(Anderson(rtol=1e-6))((lambda x: 0.5 * x + 1.0), jnp.zeros(3))
 assert sol.result == banax.Result.CONVERGED and jnp.allclose(sol.value, 2.0, rtol=1e-5)

@@ -14,6 +14,7 @@ from minimal import Direct, Iterate, Trial
 
 import banax
 from banax import trace_history, trace_last
+from banax.extend import bind, check_choice, check_flag, check_integer, check_real
 
 W = jnp.array([[0.2, 0.1], [0.0, 0.3]])
 B = jnp.array([1.0, 2.0])
@@ -33,37 +34,37 @@ def test_check_real_accepts_exactly_the_finite_numbers_of_its_interval(value):
     valid = (not isinstance(value, bool) and math.isfinite(value) and 0 < value <= 1)
     if valid:
         for given_as in (value, np.float64(value)):
-            out = banax.check_real("Owner", "beta", given_as, low=0, high=1, low_open=True)
+            out = check_real("Owner", "beta", given_as, low=0, high=1, low_open=True)
             assert type(out) is float and out == value
     else:
         error = TypeError if isinstance(value, bool) else ValueError
         with pytest.raises(error, match=r"Owner: beta must be a number in \(0, 1\], got "):
-            banax.check_real("Owner", "beta", value, low=0, high=1, low_open=True)
+            check_real("Owner", "beta", value, low=0, high=1, low_open=True)
 
 
 @pytest.mark.parametrize(
     "check, value, error, words",
     [
-        (lambda v: banax.check_real("S", "tol", v, low=0), float("nan"), ValueError,
+        (lambda v: check_real("S", "tol", v, low=0), float("nan"), ValueError,
          "S: tol must be a non-negative finite number, got nan"),
-        (lambda v: banax.check_real("S", "tol", v, low=0), float("inf"), ValueError,
+        (lambda v: check_real("S", "tol", v, low=0), float("inf"), ValueError,
          "non-negative finite number, got inf"),
-        (lambda v: banax.check_real("S", "tol", v, low=0), True, TypeError, "(a bool)"),
-        (lambda v: banax.check_real("S", "tol", v, low=0), "1e-3", TypeError, "got '1e-3'"),
-        (lambda v: banax.check_real("S", "clip", v, low=0, low_open=True, allow_none=True),
+        (lambda v: check_real("S", "tol", v, low=0), True, TypeError, "(a bool)"),
+        (lambda v: check_real("S", "tol", v, low=0), "1e-3", TypeError, "got '1e-3'"),
+        (lambda v: check_real("S", "clip", v, low=0, low_open=True, allow_none=True),
          0.0, ValueError, "positive finite number or None"),
-        (lambda v: banax.check_real("S", "tol", v, low=0), jnp.asarray(0.1), TypeError,
+        (lambda v: check_real("S", "tol", v, low=0), jnp.asarray(0.1), TypeError,
          "must be a Python float, got a JAX array"),
-        (lambda v: banax.check_integer("S", "k", v, minimum=1), 2.0, TypeError,
+        (lambda v: check_integer("S", "k", v, minimum=1), 2.0, TypeError,
          "S: k must be an int >= 1, got 2.0"),
-        (lambda v: banax.check_integer("S", "k", v, minimum=1), True, TypeError,
+        (lambda v: check_integer("S", "k", v, minimum=1), True, TypeError,
          "got True (a bool)"),
-        (lambda v: banax.check_integer("S", "k", v, minimum=0), -1, ValueError,
+        (lambda v: check_integer("S", "k", v, minimum=0), -1, ValueError,
          "k must be a non-negative int, got -1"),
-        (lambda v: banax.check_flag("S", "on", v), "no", TypeError,
+        (lambda v: check_flag("S", "on", v), "no", TypeError,
          "S: on must be True or False, got 'no'"),
-        (lambda v: banax.check_flag("S", "on", v), 1, TypeError, "True or False, got 1"),
-        (lambda v: banax.check_choice("S", "kind", v, ("a", "b")), "c", ValueError,
+        (lambda v: check_flag("S", "on", v), 1, TypeError, "True or False, got 1"),
+        (lambda v: check_choice("S", "kind", v, ("a", "b")), "c", ValueError,
          "S: kind must be one of ('a', 'b'), got 'c'"),
     ],
 )
@@ -74,10 +75,10 @@ def test_option_checks_name_the_owner_option_value_and_range(check, value, error
 
 
 def test_numpy_scalars_pass_every_check_as_python_scalars():
-    assert banax.check_integer("S", "k", np.int64(3), minimum=1) == 3
-    assert banax.check_flag("S", "on", np.bool_(True)) is True
-    assert banax.check_choice("S", "kind", np.str_("a"), ("a",)) == "a"
-    assert type(banax.check_real("S", "x", np.float32(0.5), low=0)) is float
+    assert check_integer("S", "k", np.int64(3), minimum=1) == 3
+    assert check_flag("S", "on", np.bool_(True)) is True
+    assert check_choice("S", "kind", np.str_("a"), ("a",)) == "a"
+    assert type(check_real("S", "x", np.float32(0.5), low=0)) is float
 
 
 class Halving(banax.Solver):
@@ -86,7 +87,7 @@ class Halving(banax.Solver):
     weight: float = 0.5
 
     def __check_init__(self):
-        banax.check_real(self, "weight", self.weight, low=0, high=1, low_open=True)
+        check_real(self, "weight", self.weight, low=0, high=1, low_open=True)
 
     def init(self, z0, fz0):
         return None
@@ -163,7 +164,7 @@ def test_a_list_is_one_argument_in_both_tuple_forms():
         return wb[0] @ x + wb[1]
 
     for f_spec in ((f, [W, B]), (f, [W, B], {})):
-        assert banax.bind(f_spec).args == ([W, B],)
+        assert bind(f_spec).args == ([W, B],)
         assert jnp.allclose(SOLVE(f_spec, jnp.zeros(2)).value, EXPECTED, atol=1e-10)
 
 

@@ -116,7 +116,7 @@ def value_and_grad(adjoint, w, x, c):
     def loss(params):
         sol = adjoint((cell, params), jnp.zeros(N, c.dtype))
         # The loss in float32 at least; its cotangent reaches z* in z*'s dtype.
-        value = jnp.sum((c * sol.value).astype(banax.working_dtype(c.dtype)))
+        value = jnp.sum((c * sol.value).astype(banax.extend.working_dtype(c.dtype)))
         return value, sol
 
     (_, sol), grad = eqx.filter_value_and_grad(loss, has_aux=True)((w, x))

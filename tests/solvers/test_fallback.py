@@ -8,7 +8,7 @@ import pytest
 from helpers import dense_implicit_grad, tree_allclose
 
 import banax
-from banax import Result
+from banax import Result, extend
 
 N, BATCH = 5, 3
 PICARD3 = {"name": "picard", "max_steps": 3, "batch_axis": 0, "rtol": 1e-10}
@@ -109,7 +109,7 @@ def test_implicit_gradient_through_a_fallback(problem):
 
 def test_pairing_rules():
     fallback = banax.get_solver("fallback", primary="picard", secondary="anderson")
-    assert not isinstance(fallback, (banax.InvertibleStep, banax.LowRankInverseJacobian))
+    assert not isinstance(fallback, (extend.InvertibleStep, extend.LowRankInverseJacobian))
     with pytest.raises(ValueError, match="Reversible: .*Fallback"):
         banax.get_adjoint("reversible", solver=fallback)
     with pytest.raises(ValueError, match="GDEQ: Fallback does not expose low-rank"):
@@ -140,7 +140,8 @@ def test_bad_input():
     with pytest.raises(TypeError, match="rtol cannot be set on the fallback; .* set them there"):
         banax.get_solver("fallback", primary="picard", secondary="anderson", rtol=1e-3)
     fallback = banax.solver.Fallback(primary="picard", secondary="anderson")
-    with pytest.raises(TypeError, match="no single step; run it with banax.solve"):
-        fallback.init(jnp.zeros((1, 2)), jnp.zeros((1, 2)))
+    # A combinator of whole solves, with no step of its own to call.
+    assert isinstance(fallback, extend.AbstractSolveCombinator)
+    assert not isinstance(fallback, banax.Solver) and not hasattr(fallback, "step")
     assert eqx.tree_equal(fallback, banax.get_solver("fallback", primary="picard",
                                                      secondary="anderson"))

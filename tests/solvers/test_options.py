@@ -11,7 +11,7 @@ from hypothesis import given
 
 import banax
 import banax_solvers
-from banax import InvertibleStep, LowRankInverseJacobian
+from banax.extend import InvertibleStep, LowRankInverseJacobian
 
 NAMES = ("picard", "relaxed", "reversible", "broyden", "anderson")
 CLASSES = {

@@ -276,7 +276,7 @@ UNCLIPPED = banax.get_solver("broyden", atol=0.0, rtol=0.0, max_steps=5, spectra
 def _broyden_after(a, steps):
     """Broyden's flat solution after `steps` steps on `z ↦ a z + 1`."""
     fn = lambda z, trace, tag=None: (z @ a.T + 1.0, trace)  # noqa: E731
-    return banax.iterate(UNCLIPPED, fn, jnp.zeros((1, a.shape[0])), None, steps)
+    return banax.internal.iterate(UNCLIPPED, fn, jnp.zeros((1, a.shape[0])), None, steps)
 
 
 def test_broyden_factors_invert_i_minus_j_in_one_dimension():
@@ -312,7 +312,8 @@ def test_reversible_step_runs_backwards():
     for _ in range(3):
         states.append(s.forward_map(fn, *states[-1]))
     # forward_map is exactly the loop's step.
-    flat = banax.iterate(s, lambda v, t, tag=None: (fn(v), t), z0, None, jnp.asarray(3))
+    flat = banax.internal.iterate(s, lambda v, t, tag=None: (fn(v), t), z0, None,
+                                  jnp.asarray(3))
     assert eqx.tree_equal((flat.z, flat.state), states[-1])
     # Each step runs backwards bit for bit, the first one back to the off-grid z0 (the
     # digit buffer stays as the forward filled it).

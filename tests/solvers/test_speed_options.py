@@ -54,7 +54,7 @@ def _count(acc, x, fx, f_aux, **tags):
 def run(solver, args, x0, budget):
     trace = (_count, (jnp.array(0), jnp.array(0)))
     sol = Direct(solver)((cell, args), x0, trace=trace, step_budget=budget)
-    flat = banax.solve_flat(solver, lambda z: cell(z, *args), x0, budget)
+    flat = banax.extend.solve_flat(solver, lambda z: cell(z, *args), x0, budget)
     return sol, flat.state
 
 
@@ -166,7 +166,7 @@ def _implicit_gradient(warm_start, budget=None):
 
     (g_w, stats), z_star = grads(w, banax.BackwardStats.probe())
     # The start λ₀ from Broyden's final factors, (I − Jᵀ)⁻¹ ≈ I + Vᵀ U.
-    forward = banax.solve_flat(solver, lambda z: jax.vmap(fn, (0, None))(z, w),
+    forward = banax.extend.solve_flat(solver, lambda z: jax.vmap(fn, (0, None))(z, w),
                                jnp.zeros((1, N)))
     u, v = solver.inverse_jacobian_factors(forward.state)
     shine = c + v[0].T @ (u[0] @ c)

@@ -6,18 +6,18 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-import banax
+from banax.extend import working_dtype
 
 
 def widened(
     vjp: Callable[[jax.Array], jax.Array], g: jax.Array
 ) -> tuple[Callable[[jax.Array], jax.Array], jax.Array]:
-    """`(vjp, g)` working in `banax.working_dtype(g.dtype)` (at least float32).
+    """`(vjp, g)` working in `banax.extend.working_dtype(g.dtype)` (at least float32).
 
     A backward solve accumulates many products; in float16/bfloat16 it would stall far
     from its tolerance. The VJP itself still runs in the state's dtype.
     """
-    wide = banax.working_dtype(g.dtype)
+    wide = working_dtype(g.dtype)
     return (lambda v: vjp(v.astype(g.dtype)).astype(wide)), g.astype(wide)
 
 

@@ -4,18 +4,21 @@ what to use instead."""
 from typing import Any
 
 import banax
+from banax.extend import AbstractSolver
 
 
-def check_solver(adjoint: str, option: str, solver: Any) -> None:
-    """`solver` must be a banax solver instance."""
-    if not isinstance(solver, banax.Solver):
+def check_solver(adjoint: str, option: str, solver: Any, *,
+                 stepwise: bool = False) -> None:
+    """`solver` must be a banax solver instance; with `stepwise`, one with a step of its
+    own (a `banax.Solver`, not a combinator of whole solves such as `Fallback`)."""
+    if not isinstance(solver, banax.Solver if stepwise else AbstractSolver):
         raise TypeError(
             f"{adjoint}: {option} must be a banax.Solver instance such as "
             f"banax.get_solver('picard'), got {solver!r}."
         )
 
 
-def check_differentiable_step(adjoint: str, solver: banax.Solver) -> None:
+def check_differentiable_step(adjoint: str, solver: AbstractSolver) -> None:
     """Adjoints that differentiate the solver's step refuse a step that is not
     differentiable (e.g. one with a line search)."""
     if not solver.differentiable_step:

@@ -1,12 +1,12 @@
 """Backpropagation through the solver's iterations."""
 
 import banax
-from banax import FlatSolution, Problem
+from banax.extend import AbstractAdjoint, AbstractSolver, FlatSolution, Problem, solve
 
 from ._validation import check_differentiable_step, check_solver
 
 
-class BPTT(banax.Adjoint):
+class BPTT(AbstractAdjoint):
     """Backpropagation through time: reverse-mode autodiff of the unrolled solve.
 
     The gradient is exact for the computation that ran: the derivative of the returned
@@ -31,7 +31,7 @@ class BPTT(banax.Adjoint):
     - `solver`: the forward solver, with `loop_kind="bounded"` or `"checkpointed"`.
     """
 
-    solver: banax.Solver
+    solver: AbstractSolver
 
     def __check_init__(self) -> None:
         check_solver("BPTT", "solver", self.solver)
@@ -45,4 +45,4 @@ class BPTT(banax.Adjoint):
         check_differentiable_step("BPTT", self.solver)
 
     def solve(self, problem: Problem) -> FlatSolution:
-        return banax.solve(self.solver, problem)
+        return solve(self.solver, problem)

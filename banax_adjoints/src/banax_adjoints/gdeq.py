@@ -3,15 +3,20 @@
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 
 import banax
-from banax import FlatSolution
+from banax.extend import (
+    AbstractLinearSolveAdjoint,
+    AbstractSolver,
+    FlatSolution,
+    LowRankInverseJacobian,
+    working_dtype,
+)
 
 from ._validation import check_solver
 
 
-class GDEQ(banax.LinearSolveAdjoint):
+class GDEQ(AbstractLinearSolveAdjoint):
     """Jacobian-free backpropagation preconditioned by a low-rank `(I − J)⁻¹`.
 
     Quasi-Newton forward solvers (Broyden) build, for each sample, a low-rank estimate
@@ -26,7 +31,7 @@ class GDEQ(banax.LinearSolveAdjoint):
     `J`; it is no better than JFB when the solver took fewer steps than the estimate
     needs (e.g. the solve converged in a step or two).
 
-    The solver must advertise the `banax.LowRankInverseJacobian` capability (any
+    The solver must advertise the `banax.extend.LowRankInverseJacobian` capability (any
     plugin's solver may); otherwise construction fails.
 
     **Arguments:**
@@ -34,14 +39,15 @@ class GDEQ(banax.LinearSolveAdjoint):
     - `solver`: the forward solver, exposing `inverse_jacobian_factors(state)`.
     """
 
-    solver: banax.Solver
+    solver: AbstractSolver
 
     def __check_init__(self) -> None:
         check_solver("GDEQ", "solver", self.solver)
-        if not isinstance(self.solver, banax.LowRankInverseJacobian):
+        if not isinstance(self.solver, LowRankInverseJacobian):
             raise banax.PairingError(
                 f"GDEQ: {type(self.solver).__name__} does not expose low-rank "
-                "inverse-Jacobian factors (the banax.LowRankInverseJacobian capability). "
+                "inverse-Jacobian factors (the banax.extend.LowRankInverseJacobian "
+                "capability). "
                 "Use a solver that does, such as GDEQ(solver=Broyden(...)), or JFB for "
                 "the unpreconditioned gradient."
             )
@@ -53,8 +59,7 @@ class GDEQ(banax.LinearSolveAdjoint):
         forward: FlatSolution,
         budget: None,
     ) -> jax.Array:
-        u, v = self.solver.inverse_jacobian_factors(forward.state)
-        dtype = banax.working_dtype(g.dtype)  # the factors' dtype, at least float32
-        g = g.astype(dtype)
-        coefficients = jnp.einsum("bmn,bn->bm", u.astype(dtype), g)
-        return g + jnp.einsum("bmn,bm->bn", v.astype(dtype), coefficients)
+        # In the factors' dtype, at least float32.
+        return self.solver.inverse_jacobian_vjp(
+            forward.state, g.astype(working_dtype(g.dtype))
+        )

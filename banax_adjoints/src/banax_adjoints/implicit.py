@@ -8,13 +8,22 @@ import jax.numpy as jnp
 import lineax as lx
 
 import banax
-from banax import FlatSolution
+from banax.extend import (
+    AbstractLinearSolveAdjoint,
+    AbstractSolver,
+    FlatSolution,
+    LowRankInverseJacobian,
+    check_flag,
+    check_real,
+    residual_norms,
+    solve_flat,
+)
 
 from ._backward import real_form, widened
 from ._validation import check_solver
 
 
-class Implicit(banax.LinearSolveAdjoint):
+class Implicit(AbstractLinearSolveAdjoint):
     """Exact gradient at the fixed point by the implicit function theorem.
 
     At `z* = f(z*, θ)` the gradient of a loss `L(z*)` is `θ̄ = (∂f/∂θ)ᵀ λ` where `λ`
@@ -47,7 +56,7 @@ class Implicit(banax.LinearSolveAdjoint):
     the backward iteration contracts like the forward one did, and the gradient is
     as accurate as the forward's tolerance allows. How the backward solve ended is
     reported to a `backward_probe` and handled by `on_failure` (see
-    `banax.BackwardRuleAdjoint`).
+    `banax.extend.AbstractBackwardRuleAdjoint`).
 
     The gradient is only as good as the forward fixed point: if the forward solve
     stopped far from `z*`, prefer `BPTT`, which differentiates what actually ran.
@@ -56,8 +65,8 @@ class Implicit(banax.LinearSolveAdjoint):
     way the VJPs run once over the whole batch.
 
     **Warm start (SHINE).** When the forward solver keeps a low-rank estimate
-    `(I − J)⁻¹ ≈ I + Uᵀ V` (`banax.LowRankInverseJacobian`, e.g. Broyden), its transpose
-    gives the backward solve a starting point, `λ₀ = ḡ + Vᵀ (U ḡ)` (Ramzi et al., ICLR
+    `(I − J)⁻¹ ≈ I + Uᵀ V` (`banax.extend.LowRankInverseJacobian`, e.g. Broyden), its
+    transpose gives the backward solve a starting point, `λ₀ = ḡ + Vᵀ (U ḡ)` (Ramzi et al., ICLR
     2022), which a banax `b_solver` then refines to its own tolerance: the gradient is
     as exact as from `λ₀ = ḡ`. It saves VJPs only where the estimate is good along
     `ḡ`, not just along the forward steps; on the `banax bench` problem it saved none
@@ -74,24 +83,24 @@ class Implicit(banax.LinearSolveAdjoint):
         solve does not converge.
     """
 
-    solver: banax.Solver
-    b_solver: banax.Solver | lx.AbstractLinearSolver = None  # type: ignore[assignment]
+    solver: AbstractSolver
+    b_solver: AbstractSolver | lx.AbstractLinearSolver = None  # type: ignore[assignment]
     warm_start: bool = eqx.field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
-        if self.b_solver is None and isinstance(self.solver, banax.Solver):
+        if self.b_solver is None and isinstance(self.solver, AbstractSolver):
             self.b_solver = eqx.tree_at(
                 lambda s: (s.loop_kind, s.keep_best), self.solver, ("lax", False)
             )
 
     @property
     def takes_backward_budget(self) -> bool:
-        return isinstance(self.b_solver, banax.Solver)
+        return isinstance(self.b_solver, AbstractSolver)
 
     def __check_init__(self) -> None:
         check_solver("Implicit", "solver", self.solver)
-        banax.check_flag(self, "warm_start", self.warm_start)
-        if not isinstance(self.b_solver, (banax.Solver, lx.AbstractLinearSolver)):
+        check_flag(self, "warm_start", self.warm_start)
+        if not isinstance(self.b_solver, (AbstractSolver, lx.AbstractLinearSolver)):
             raise TypeError(
                 "Implicit: b_solver must be a banax.Solver (e.g. "
                 "banax.get_solver('picard', rtol=1e-8)) or a lineax linear solver (e.g. "
@@ -101,7 +110,7 @@ class Implicit(banax.LinearSolveAdjoint):
             # lineax does not validate its tolerances: a NaN one never stops the solve.
             for option in ("rtol", "atol"):
                 if hasattr(self.b_solver, option):
-                    banax.check_real(
+                    check_real(
                         f"Implicit: b_solver {type(self.b_solver).__name__}", option,
                         getattr(self.b_solver, option), low=0.0,
                     )
@@ -114,9 +123,9 @@ class Implicit(banax.LinearSolveAdjoint):
         budget: jax.Array | None,
     ) -> tuple[jax.Array, banax.BackwardStats]:
         vjp, g = widened(vjp, g)
-        if isinstance(self.b_solver, banax.Solver):
+        if isinstance(self.b_solver, AbstractSolver):
             lam0 = self._initial_guess(g, forward)
-            sol = banax.solve_flat(self.b_solver, lambda lam: g + vjp(lam), lam0, budget)
+            sol = solve_flat(self.b_solver, lambda lam: g + vjp(lam), lam0, budget)
             return sol.z, banax.BackwardStats.from_flat(sol.result, sol.stats)
         # Complex states in real form: f's VJP may be only real-linear.
         vjp_r, g_r, back = real_form(vjp, g)
@@ -126,7 +135,7 @@ class Implicit(banax.LinearSolveAdjoint):
         sol = lx.linear_solve(operator, g_r, self.b_solver, throw=False)
         lam = back(sol.value)
         # lineax solves the whole batch as one system: one result and step count.
-        abs_err, rel_err = banax.residual_norms(lam, g + vjp(lam))
+        abs_err, rel_err = residual_norms(lam, g + vjp(lam))
         ended = lambda r: jnp.broadcast_to(sol.result == r, abs_err.shape)  # noqa: E731
         code = jnp.select(
             [~jnp.isfinite(abs_err), ended(lx.RESULTS.successful),
@@ -139,13 +148,7 @@ class Implicit(banax.LinearSolveAdjoint):
         return lam, banax.BackwardStats.from_flat(code, stats)
 
     def _initial_guess(self, g: jax.Array, forward: FlatSolution) -> jax.Array:
-        """`ḡ + Vᵀ (U ḡ)` per sample from the forward's `(I − J)⁻¹ ≈ I + Uᵀ V`, or `ḡ`.
-
-        The capability's transpose is a plain one and JAX's VJP is `v ↦ Jᵀ v`, so the
-        same plain transpose serves complex states."""
-        if not (self.warm_start and isinstance(self.solver, banax.LowRankInverseJacobian)):
+        """`ḡ + Vᵀ (U ḡ)` per sample from the forward's `(I − J)⁻¹ ≈ I + Uᵀ V`, or `ḡ`."""
+        if not (self.warm_start and isinstance(self.solver, LowRankInverseJacobian)):
             return g
-        u, v = (a.astype(g.dtype) for a in self.solver.inverse_jacobian_factors(forward.state))
-        highest = jax.lax.Precision.HIGHEST
-        coef = jnp.einsum("bmn,bn->bm", u, g, precision=highest)
-        return g + jnp.einsum("bm,bmn->bn", coef, v, precision=highest)
+        return self.solver.inverse_jacobian_vjp(forward.state, g)

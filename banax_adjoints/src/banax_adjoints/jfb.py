@@ -4,13 +4,12 @@ from collections.abc import Callable
 
 import jax
 
-import banax
-from banax import FlatSolution
+from banax.extend import AbstractLinearSolveAdjoint, AbstractSolver, FlatSolution
 
 from ._validation import check_solver
 
 
-class JFB(banax.LinearSolveAdjoint):
+class JFB(AbstractLinearSolveAdjoint):
     """Jacobian-free backpropagation: the implicit gradient with `(I − J)⁻¹` replaced
     by the identity.
 
@@ -30,7 +29,7 @@ class JFB(banax.LinearSolveAdjoint):
     - `solver`: the forward solver (any `loop_kind`).
     """
 
-    solver: banax.Solver
+    solver: AbstractSolver
 
     def __check_init__(self) -> None:
         check_solver("JFB", "solver", self.solver)

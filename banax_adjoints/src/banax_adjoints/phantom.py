@@ -20,25 +20,33 @@ import jax
 import jax.numpy as jnp
 
 import banax
-from banax import FlatSolution, Problem
+from banax.extend import (
+    AbstractBackwardRuleAdjoint,
+    AbstractLinearSolveAdjoint,
+    AbstractSolver,
+    FlatSolution,
+    Problem,
+    check_real,
+    residual_norms,
+)
 
 from ._backward import widened
 from ._validation import check_differentiable_step, check_solver
 
 
 def _check_damp(adjoint: str, damp: float, source: str) -> None:
-    banax.check_real(
+    check_real(
         adjoint, source, damp, low=0, high=1, low_open=True,
         why="; it weighs f in the relaxed step (1 − damp) z + damp f(z), and damp=1 is "
             "the plain step",
     )
 
 
-def _default_b_solver() -> banax.Solver:
+def _default_b_solver() -> AbstractSolver:
     return banax.get_solver("picard", max_steps=5)
 
 
-def _terms(b_solver: banax.Solver, budget: jax.Array | None) -> Any:
+def _terms(b_solver: AbstractSolver, budget: jax.Array | None) -> Any:
     """`K`: `b_solver.max_steps`, lowered to the call's backward budget if any."""
     if budget is None:
         return b_solver.max_steps
@@ -55,7 +63,7 @@ def _report(steps: Any, abs_err: jax.Array, rel_err: jax.Array) -> banax.Backwar
     )
 
 
-class UnrollPhantom(banax.BackwardRuleAdjoint):
+class UnrollPhantom(AbstractBackwardRuleAdjoint):
     """Unrolled phantom gradient: backpropagate through `K` steps of `b_solver` from
     `z*`.
 
@@ -87,11 +95,11 @@ class UnrollPhantom(banax.BackwardRuleAdjoint):
     - `solver`: the forward solver (any `loop_kind`).
     - `b_solver`: the solver whose `K = max_steps` steps are unrolled; its step must
         be differentiable. Default `Picard(max_steps=5)`.
-    - `on_failure`: see `banax.BackwardRuleAdjoint` (the unroll fails only when it
-        overflows).
+    - `on_failure`: see `banax.extend.AbstractBackwardRuleAdjoint` (the unroll fails
+        only when it overflows).
     """
 
-    solver: banax.Solver
+    solver: AbstractSolver
     b_solver: banax.Solver = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -100,7 +108,8 @@ class UnrollPhantom(banax.BackwardRuleAdjoint):
 
     def __check_init__(self) -> None:
         check_solver("UnrollPhantom", "solver", self.solver)
-        check_solver("UnrollPhantom", "b_solver", self.b_solver)
+        # The unroll runs the b_solver's own init and step.
+        check_solver("UnrollPhantom", "b_solver", self.b_solver, stepwise=True)
         check_differentiable_step("UnrollPhantom", self.b_solver)
 
     @property
@@ -147,10 +156,10 @@ class UnrollPhantom(banax.BackwardRuleAdjoint):
 
         (z, fz), vjp = jax.vjp(unroll, params)
         (p_bar,) = vjp((g, jax.tree.map(jnp.zeros_like, fz)))
-        return p_bar, None, _report(steps, *banax.residual_norms(z, fz))
+        return p_bar, None, _report(steps, *residual_norms(z, fz))
 
 
-class NeumannPhantom(banax.LinearSolveAdjoint):
+class NeumannPhantom(AbstractLinearSolveAdjoint):
     """Neumann-series phantom gradient: the implicit gradient with `(I − J)⁻ᵀ`
     truncated to `K` terms.
 
@@ -174,12 +183,12 @@ class NeumannPhantom(banax.LinearSolveAdjoint):
     - `solver`: the forward solver (any `loop_kind`).
     - `b_solver`: a banax solver whose `max_steps` (and `damp`, if any) set the series.
         Default `Picard(max_steps=5)`.
-    - `on_failure`: see `banax.BackwardRuleAdjoint` (the series fails only when it
-        overflows).
+    - `on_failure`: see `banax.extend.AbstractBackwardRuleAdjoint` (the series fails
+        only when it overflows).
     """
 
-    solver: banax.Solver
-    b_solver: banax.Solver = None  # type: ignore[assignment]
+    solver: AbstractSolver
+    b_solver: AbstractSolver = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.b_solver is None:
@@ -218,4 +227,4 @@ class NeumannPhantom(banax.LinearSolveAdjoint):
         _, total = jax.lax.fori_loop(1, terms, add_term, (g, g))
         # A budget of 0 terms leaves λ = 0 (no gradient through the fixed point).
         lam = jnp.where(terms > 0, beta * total, 0).astype(g.dtype)
-        return lam, _report(terms, *banax.residual_norms(lam, g + vjp(lam)))
+        return lam, _report(terms, *residual_norms(lam, g + vjp(lam)))

@@ -10,31 +10,26 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 import banax
-from banax import BackwardStats, FlatSolution, Problem, Result
+from banax import BackwardStats, Result
+from banax.extend import (
+    AbstractBackwardRuleAdjoint,
+    AbstractSolver,
+    FlatSolution,
+    InvertibleStep,
+    Problem,
+    check_choice,
+    check_integer,
+    where_per_sample,
+)
 
 from ._validation import check_differentiable_step, check_solver
 
 MODES = ("exact", "flat")
 
 
-def _where_active(active: jax.Array, new: Any, old: Any) -> Any:
-    """Per sample (batch axis first), `new` where `active` else `old`.
-
-    Scalars are shared by all samples and follow the loop, which ran at every index
-    the walk visits, so they always take `new`.
-    """
-
-    def pick(n: Any, o: Any) -> Any:
-        if not eqx.is_array(n) or n.ndim == 0:
-            return n
-        return jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
-
-    return jax.tree.map(pick, new, old)
-
-
 def _mask(active: jax.Array, cotangent: Any) -> Any:
     """Zero the cotangent rows of inactive samples (scalars are shared: kept)."""
-    return _where_active(active, cotangent, jax.tree.map(jnp.zeros_like, cotangent))
+    return where_per_sample(active, cotangent, jax.tree.map(jnp.zeros_like, cotangent))
 
 
 class _Walk(eqx.Module):
@@ -52,14 +47,14 @@ def _pull_back(step: Callable[..., Any], params: Any, z: jax.Array, s: Any,
     `active` samples; the others keep theirs. Where their state may not be finite, the
     step runs at `safe` for them, so that their zero cotangent pulls back to zero."""
     if safe is not None:
-        z, s = _where_active(active, (z, s), safe)
+        z, s = where_per_sample(active, (z, s), safe)
     _, vjp = eqx.filter_vjp(step, params, z, s)
     p_step, z_bar, s_bar = vjp((_mask(active, walk.z_bar), _mask(active, walk.s_bar)))
-    z_bar, s_bar = _where_active(active, (z_bar, s_bar), (walk.z_bar, walk.s_bar))
+    z_bar, s_bar = where_per_sample(active, (z_bar, s_bar), (walk.z_bar, walk.s_bar))
     return _Walk(z_bar, s_bar, jax.tree.map(jnp.add, walk.p_bar, p_step))
 
 
-class Reversible(banax.BackwardRuleAdjoint):
+class Reversible(AbstractBackwardRuleAdjoint):
     """Exact gradient of the steps an invertible solver ran, in little memory.
 
     The forward solver's step is a map `(z, s) ↦ Φ(z, s; θ)` on the iterate and the
@@ -97,25 +92,25 @@ class Reversible(banax.BackwardRuleAdjoint):
 
     **Arguments:**
 
-    - `solver`: a solver with the `banax.InvertibleStep` capability (e.g.
+    - `solver`: a solver with the `banax.extend.InvertibleStep` capability (e.g.
         `banax.solver.Reversible`), a differentiable step and `keep_best=False`. Any
         `loop_kind`; `"lax"` is cheapest since the loop itself is never differentiated.
     - `mode`: `"exact"` or `"flat"`, see above. Default `"exact"`.
     - `checkpoints`: the states `mode="flat"` keeps, an int >= 1 (the first is `x0`'s).
         Default 16.
-    - `on_failure`: `"warn"`, `"raise"` or `"ignore"`; see `banax.BackwardRuleAdjoint`.
+    - `on_failure`: `"warn"`, `"raise"` or `"ignore"`; see `banax.extend.AbstractBackwardRuleAdjoint`.
     """
 
-    solver: banax.Solver
+    solver: AbstractSolver
     mode: str = eqx.field(default="exact", kw_only=True)
     checkpoints: int = eqx.field(default=16, kw_only=True)
 
     def __check_init__(self) -> None:
         check_solver("Reversible", "solver", self.solver)
-        if not isinstance(self.solver, banax.InvertibleStep):
+        if not isinstance(self.solver, InvertibleStep):
             raise banax.PairingError(
                 f"Reversible: {type(self.solver).__name__} cannot invert its step (it "
-                "lacks the banax.InvertibleStep capability). Use the reversible solver, "
+                "lacks the banax.extend.InvertibleStep capability). Use the reversible solver, "
                 "Reversible(solver=banax.get_solver('reversible', damp=0.8)), or BPTT "
                 "with loop_kind='checkpointed' for exact unrolled gradients of this "
                 "solver."
@@ -127,8 +122,8 @@ class Reversible(banax.BackwardRuleAdjoint):
                 "reversible adjoint walks back from the last one. Set keep_best=False, "
                 "or use BPTT or Implicit."
             )
-        banax.check_choice(self, "mode", self.mode, MODES)
-        banax.check_integer(
+        check_choice(self, "mode", self.mode, MODES)
+        check_integer(
             self, "checkpoints", self.checkpoints, minimum=1,
             why="; mode='flat' keeps that many states of its replay",
         )
@@ -204,7 +199,7 @@ def _rewind(solver: Any, f: Callable[..., Any], step: Callable[..., Any], params
         active = jnp.max(steps) - 1 - i < steps
         z_prev, s_prev = solver.inverse_map(f, z, s)
         walk = _pull_back(step, params, z_prev, s_prev, walk, active & ~diverged, first)
-        return _where_active(active, (z_prev, s_prev), (z, s)), walk
+        return where_per_sample(active, (z_prev, s_prev), (z, s)), walk
 
     _, walk = jax.lax.fori_loop(0, jnp.max(steps), body, (final, walk))
     return walk
@@ -233,7 +228,7 @@ def _replay(solver: Any, f: Callable[..., Any], step: Callable[..., Any], params
     def advance(carry: tuple) -> tuple:
         t, j, cursor, stack, positions, top, walk, distance = carry
         active = j < steps
-        cursor = _where_active(active, solver.forward_map(f, *cursor), cursor)
+        cursor = where_per_sample(active, solver.forward_map(f, *cursor), cursor)
         j = j + 1
         below = positions[top - 1]
         keep = (j == below + (t - below + 1) // 2) & (j < t) & (top < slots)

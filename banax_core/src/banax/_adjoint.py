@@ -1,5 +1,7 @@
-"""The `Adjoint` base class: the user's entry point and owner of the gradient rule; and
-the custom-VJP mechanism that reports how a backward solve ended."""
+"""The adjoint bases: `AbstractAdjoint` (the seed's `Adjoint`), the user's entry point
+and owner of the gradient rule; `AbstractBackwardRuleAdjoint` and
+`AbstractLinearSolveAdjoint` for rules applied after an untouched forward solve; and the
+custom-VJP mechanism that reports how a backward solve ended."""
 
 import abc
 import dataclasses
@@ -15,11 +17,12 @@ from jaxtyping import Array, Int
 
 from ._fspec import FSpec
 from ._layout import FlatState
-from ._loop import FlatSolution, check_step_budget
+from ._loop import solve
+from ._numerics import check_step_budget
 from ._options import check_choice, check_options, normalise_options
 from ._problem import Problem, make_problem, to_solution
-from ._solution import BackwardStats, Result, Solution, summary_of_counts
-from ._solver import Solver
+from ._solution import BackwardStats, FlatSolution, Result, Solution, summary_of_counts
+from ._solver import AbstractSolver
 
 ON_FAILURE = ("raise", "warn", "ignore")
 
@@ -39,20 +42,14 @@ class BackwardSolveWarning(UserWarning):
     that step is unreliable."""
 
 
-def solve(solver: Solver, problem: Problem) -> FlatSolution:
-    """Run `solver` on `problem` through the shared loop (differentiable iff the loop
-    kind is)."""
-    return solver.run(problem.f, problem.z0, problem.trace_init, problem.step_budget)
-
-
-class Adjoint(eqx.Module):
+class AbstractAdjoint(eqx.Module):
     """Base class of every adjoint: finds the fixed point and owns its gradient rule.
 
     Call it as `adjoint(f_spec, x0, has_aux=False, trace=None, step_budget=None)` to get
     a `Solution` whose `value` carries gradients to the arrays in `f_spec`.
     `step_budget` is a scalar integer JAX array clamped to `[0, solver.max_steps]` (a
     negative budget runs no step); the call is checked at trace time (see
-    `banax.make_problem`), options edited by `eqx.tree_at` included. Two keyword
+    `banax.extend.make_problem`), options edited by `eqx.tree_at` included. Two keyword
     arguments concern the backward pass:
 
     - `backward_probe`: a `banax.BackwardStats.probe()`; differentiate with respect to
@@ -61,21 +58,24 @@ class Adjoint(eqx.Module):
         time (clamped to `[0, b_solver.max_steps]`, no recompile), like `step_budget`
         for the forward. Only adjoints with `takes_backward_budget` accept one.
 
+    The seed's name for this class is `banax.adjoint.Adjoint` (also `banax.Adjoint`).
+
     **Writing an adjoint.** Subclass, declare `solver: Solver` (and any options) as
-    fields, and implement `solve(problem) -> FlatSolution`. Use `banax.solve(solver,
-    problem)` for the forward pass; wrap it in your gradient rule (a custom VJP, a
-    stop-gradient plus a surrogate, ...). To write only the backward pass of an
-    untouched forward solve, subclass `BackwardRuleAdjoint` and implement `backward`;
-    for rules of the form `θ̄ = (∂f/∂θ)ᵀ λ, λ ≈ (I − Jᵀ)⁻¹ ḡ`, subclass
-    `LinearSolveAdjoint` and write only `adjoint_solve`. Reject invalid solver pairings
-    in `__check_init__` with `banax.PairingError`.
+    fields, and implement `solve(problem) -> FlatSolution`. Use
+    `banax.extend.solve(solver, problem)` for the forward pass; wrap it in your
+    gradient rule (a custom VJP, a stop-gradient plus a surrogate, ...). To write only
+    the backward pass of an untouched forward solve, subclass
+    `AbstractBackwardRuleAdjoint` and implement `backward`; for rules of the form
+    `θ̄ = (∂f/∂θ)ᵀ λ, λ ≈ (I − Jᵀ)⁻¹ ḡ`, subclass `AbstractLinearSolveAdjoint` and
+    write only `adjoint_solve`. Reject invalid solver pairings in `__check_init__` with
+    `banax.PairingError`.
     """
 
-    solver: eqx.AbstractVar[Solver]
+    solver: eqx.AbstractVar[AbstractSolver]
 
     def __check_init__(self) -> None:
         # After the subclasses' checks: NumPy-scalar options become Python scalars,
-        # static under jit (see `banax.normalise_options`).
+        # static under jit (see `banax.extend.normalise_options`).
         normalise_options(self)
 
     @property
@@ -142,15 +142,15 @@ def _check_probe(probe: Any, problem: Problem) -> None:
 
 
 @eqx.filter_jit
-def _solve_and_unflatten(adjoint: Adjoint, problem: Problem) -> Solution:
+def _solve_and_unflatten(adjoint: AbstractAdjoint, problem: Problem) -> Solution:
     return to_solution(problem, adjoint.solve(problem))
 
 
-class BackwardRuleAdjoint(Adjoint):
+class AbstractBackwardRuleAdjoint(AbstractAdjoint):
     """Base class of adjoints that supply the backward pass of an untouched forward solve.
 
-    The forward pass is `banax.solve(self.solver, problem)` under a custom VJP, so
-    nothing of the iteration is stored and any `loop_kind` works. On the backward pass
+    The forward pass is `banax.extend.solve(self.solver, problem)` under a custom VJP,
+    so nothing of the iteration is stored and any `loop_kind` works. On the backward pass
     `backward(problem, forward, g)` receives the forward solve (gradients stopped) and
     `ḡ = ∂L/∂z` and returns the cotangents of the parameters and of the initial state,
     and optionally a report of its backward solve.
@@ -179,7 +179,7 @@ class BackwardRuleAdjoint(Adjoint):
         `θ̄` has the structure of `problem.parameters()[0]`; `z̄₀` is the flat cotangent
         of the initial state, or `None` when the rule gives it no gradient. `report` is
         a `BackwardStats` of shape `(B,)` (one entry per row of the flat state), e.g.
-        `BackwardStats.from_flat(sol.result, sol.stats)` of a `banax.solve_flat`; leave
+        `BackwardStats.from_flat(sol.result, sol.stats)` of a `banax.extend.solve_flat`; leave
         it out when nothing is solved backwards (it then reads 0 steps, CONVERGED). A
         rule that iterates should cap its steps at `problem.backward_budget` (an
         integer array or `None`) and set `takes_backward_budget`.
@@ -190,7 +190,7 @@ class BackwardRuleAdjoint(Adjoint):
 
 
 def _enforce(
-    adjoint: BackwardRuleAdjoint, report: BackwardStats, outputs: Any
+    adjoint: AbstractBackwardRuleAdjoint, report: BackwardStats, outputs: Any
 ) -> Any:
     """Apply `adjoint.on_failure` to a backward solve's `report`."""
     codes = report.result_codes()
@@ -235,7 +235,9 @@ def _enforce(
 
 
 @eqx.filter_custom_vjp
-def _solve_with_rule(problem: Problem, adjoint: BackwardRuleAdjoint) -> FlatSolution:
+def _solve_with_rule(
+    problem: Problem, adjoint: AbstractBackwardRuleAdjoint
+) -> FlatSolution:
     return solve(adjoint.solver, problem)
 
 
@@ -282,7 +284,7 @@ def _solve_with_rule_bwd(forward, grad_obj, perturbed, problem, adjoint):
     return eqx.tree_at(lambda p: p.z0, cotangent, z0_bar, is_leaf=is_none)
 
 
-class LinearSolveAdjoint(BackwardRuleAdjoint):
+class AbstractLinearSolveAdjoint(AbstractBackwardRuleAdjoint):
     """Adjoints of the implicit-function-theorem family.
 
     At a fixed point `z* = f(z*, θ)` the exact gradient of a loss `L(z*)` is
@@ -307,7 +309,7 @@ class LinearSolveAdjoint(BackwardRuleAdjoint):
         Arrays are flat `(B, N)`; rows are independent samples. `forward` is the
         forward solve (its `state` holds e.g. inverse-Jacobian factors). `budget` is
         the call's `backward_budget` (`None` unless `takes_backward_budget`): pass it
-        on as the `step_budget` of `banax.solve_flat`.
+        on as the `step_budget` of `banax.extend.solve_flat`.
         """
 
     def backward(
@@ -322,3 +324,9 @@ class LinearSolveAdjoint(BackwardRuleAdjoint):
         lam, *report = out if isinstance(out, tuple) else (out,)
         _, p_bar = vjp(lam.astype(forward.z.dtype))
         return (p_bar, None, *report)
+
+
+# The seed's names of the bases.
+Adjoint = AbstractAdjoint
+BackwardRuleAdjoint = AbstractBackwardRuleAdjoint
+LinearSolveAdjoint = AbstractLinearSolveAdjoint

@@ -14,26 +14,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, PyTree
 
-from ._problem import _describe
+from ._layout import common_batch_size
+from ._pytrees import describe as _describe
 
 
 def batch_size(x: PyTree, axis: int) -> int:
     """The common size of axis `axis` of every array of `x`; it must be >= 1."""
-    shapes = [a.shape for a in jax.tree.leaves(x)]
-    sizes = {s[axis] for s in shapes if len(s) > axis}
-    if not shapes or len(sizes) != 1 or any(len(s) <= axis for s in shapes):
-        raise ValueError(
-            f"DEQ: in batch mode (the solver's batch_axis={axis}) every array of x must "
-            f"carry the batch on axis {axis} with one common size; got x of shapes "
-            f"{shapes}."
-        )
-    size = sizes.pop()
-    if size == 0:
-        raise ValueError(
-            f"DEQ: the batch is empty (x has size 0 on batch_axis={axis}, shapes "
-            f"{shapes}); there is nothing to solve. Skip the call for an empty batch."
-        )
-    return size
+    return common_batch_size([a.shape for a in jax.tree.leaves(x)], axis, "x", "DEQ")
 
 
 def _resized(tree: PyTree, axis: int, size: int) -> PyTree:

@@ -17,10 +17,11 @@ from ._batch_checks import batch_size, check_batch_follows, mixes_samples, shape
 from ._fspec import FSpec, bind
 from ._modes import check_inference_options, check_pretrain_steps, inference_adjoint, unrolled
 from ._layout import as_state
-from ._problem import _describe, _same_shapes, _same_structure
-from ._registry import get_adjoint
+from ._pytrees import describe, same_shapes, same_structure
+from ._keys import key_shape
+from ._registry import as_adjoint
 from ._solution import BackwardStats, Solution
-from ._solver import Solver
+from ._solver import AbstractSolver
 from ._stateful import FrozenState, check_stateful
 from .nn._cell import AbstractCell
 
@@ -30,20 +31,8 @@ ComponentSpec = str | Mapping[str, Any]
 INIT_RULES = ("zeros",)
 
 
-def _name_and_options(option: str, spec: ComponentSpec) -> tuple[str, dict[str, Any]]:
-    if isinstance(spec, str):
-        return spec, {}
-    if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
-        options = dict(spec)
-        return options.pop("name"), options
-    raise TypeError(
-        f"DEQ: {option} must be an instance, a registry name such as 'implicit', or a "
-        f"dict {{'name': ..., **options}}; got {spec!r}."
-    )
-
-
 def _resolve_adjoint(
-    solver: Solver | ComponentSpec | None, adjoint: Adjoint | ComponentSpec
+    solver: AbstractSolver | ComponentSpec | None, adjoint: Adjoint | ComponentSpec
 ) -> Adjoint:
     if isinstance(adjoint, Adjoint):
         if solver is not None:
@@ -53,15 +42,15 @@ def _resolve_adjoint(
                 "solver= is passed to it."
             )
         return adjoint
-    name, options = _name_and_options("adjoint", adjoint)
-    if solver is not None:
-        if "solver" in options:
+    spec = {"name": adjoint} if isinstance(adjoint, str) else adjoint
+    if solver is not None and isinstance(spec, Mapping):
+        if "solver" in spec:
             raise TypeError(
                 "DEQ: the solver is given twice, as solver= and inside the adjoint's "
                 "options; keep one."
             )
-        options["solver"] = solver
-    return get_adjoint(name, **options)
+        spec = {**spec, "solver": solver}
+    return as_adjoint(spec, owner="DEQ")
 
 
 def _shape_tuple(state_shape: Any) -> tuple[int, ...]:
@@ -160,7 +149,7 @@ class DEQ(eqx.Module):
     def __init__(
         self,
         cell: Callable[..., Any],
-        solver: Solver | ComponentSpec | None = None,
+        solver: AbstractSolver | ComponentSpec | None = None,
         adjoint: Adjoint | ComponentSpec = "implicit",
         *,
         init: str | Callable[[Any], Any] = "zeros",
@@ -213,7 +202,7 @@ class DEQ(eqx.Module):
         self.pretrain_steps = pretrain_steps
 
     @property
-    def solver(self) -> Solver:
+    def solver(self) -> AbstractSolver:
         """The forward solver (held by the adjoint)."""
         return self.adjoint.solver
 
@@ -402,10 +391,7 @@ def _check_key(cell: Any, key: Any) -> None:
             "`key=None` and pass it to its random layers, e.g. "
             "`def __call__(self, z, x, *, key=None)` with eqx.nn.Dropout."
         )
-    if not (isinstance(key, jax.Array) and (
-        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-        or (key.dtype == jnp.uint32 and key.shape == (2,))
-    )):
+    if key_shape(key) != ():
         raise TypeError(
             f"DEQ: key must be a JAX PRNG key such as jax.random.key(0), got {key!r}."
         )
@@ -426,23 +412,23 @@ def _check_cell(f_spec: FSpec, z0: PyTree, x: PyTree) -> None:
             else " Check the input's shape against the cell's (and state_shape)."
         )
         raise ValueError(
-            f"DEQ: the cell failed on x {_describe(shapes_of(x))} with state "
-            f"{_describe(shapes_of(z0))}: {type(error).__name__}: {reason}{hint}"
+            f"DEQ: the cell failed on x {describe(shapes_of(x))} with state "
+            f"{describe(shapes_of(z0))}: {type(error).__name__}: {reason}{hint}"
         ) from None
     state = jax.eval_shape(lambda z: z, z0)
-    if _same_shapes(out, state) and not _same_structure(out, state):
+    if same_shapes(out, state) and not same_structure(out, state):
         raise ValueError(
             f"DEQ: the cell changes the state's dtype: the state is "
-            f"{_describe(shapes_of(z0))} but cell(z, x) returned "
-            f"{_describe(shapes_of(out))}. Pass z0 in the dtype the cell computes in "
+            f"{describe(shapes_of(z0))} but cell(z, x) returned "
+            f"{describe(shapes_of(out))}. Pass z0 in the dtype the cell computes in "
             f"(z0.astype(jnp.{jax.tree.leaves(out)[0].dtype})), or leave z0 out so that "
             "the init rule picks it."
         )
-    if not _same_structure(out, state):
+    if not same_structure(out, state):
         raise ValueError(
             f"DEQ: the cell must return a state like the one it is given; the state is "
-            f"{_describe(shapes_of(z0))} but cell(z, x) returned "
-            f"{_describe(shapes_of(out))}. "
+            f"{describe(shapes_of(z0))} but cell(z, x) returned "
+            f"{describe(shapes_of(out))}. "
             "Make state_shape (or the init rule) match the cell's output."
         )
 

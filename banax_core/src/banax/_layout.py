@@ -8,6 +8,7 @@ stopping and mixing while `f` is still called once on the whole batch.
 """
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -106,6 +107,31 @@ def as_state(x0: Any, name: str = "x0") -> Any:
     return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), x0)
 
 
+def common_batch_size(shapes: Sequence[tuple[int, ...]], axis: int, name: str,
+                      owner: str | None = None) -> int:
+    """The size of axis `axis` that every one of `shapes` (the arrays of the argument
+    `name`) must share: the batch size of batch mode, at least 1. `owner` prefixes the
+    messages."""
+    prefix = f"{owner}: " if owner else ""
+    short = [s for s in shapes if len(s) <= axis]
+    sizes = {s[axis] for s in shapes if len(s) > axis}
+    if not shapes or short or len(sizes) != 1:
+        why = f" (batch_axis={axis} is out of range for shape {short[0]})" if short else ""
+        raise ValueError(
+            f"{prefix}in batch mode (batch_axis={axis}) every array of {name} must carry "
+            f"the batch on axis {axis}, all with the same size along batch_axis; got "
+            f"{name} of shapes {list(shapes)}{why}."
+        )
+    size = sizes.pop()
+    if size == 0:
+        raise ValueError(
+            f"{prefix}the batch is empty ({name} has size 0 on batch_axis={axis}, shapes "
+            f"{list(shapes)}): an empty batch has nothing to solve, as a solve needs at "
+            "least one sample. Skip the call for an empty batch."
+        )
+    return size
+
+
 def layout_of(x0: Any, batch_axis: int | None) -> Layout:
     """Build the layout of `x0`, checking that it is a valid fixed-point state."""
     leaves, treedef = jax.tree_util.tree_flatten(x0)
@@ -121,24 +147,6 @@ def layout_of(x0: Any, batch_axis: int | None) -> Layout:
             raise ValueError(
                 f"batch_axis must be a non-negative axis index, got {batch_axis}."
             )
-        sizes = set()
-        for shape in shapes:
-            if batch_axis >= len(shape):
-                raise ValueError(
-                    f"batch_axis={batch_axis} is out of range for a state leaf of shape "
-                    f"{shape}; every leaf must carry the batch axis."
-                )
-            sizes.add(shape[batch_axis])
-        if len(sizes) != 1:
-            raise ValueError(
-                f"All leaves of x0 must have the same size along batch_axis={batch_axis}; "
-                f"got sizes {sorted(sizes)}."
-            )
-        batch_size = sizes.pop()
-        if batch_size == 0:
-            raise ValueError(
-                f"x0 has an empty batch (size 0 along batch_axis={batch_axis}); a solve "
-                "needs at least one sample."
-            )
+        batch_size = common_batch_size(shapes, batch_axis, "x0")
     dtype = jnp.result_type(*dtypes)
     return Layout(treedef, tuple(shapes), tuple(dtypes), batch_axis, batch_size, dtype)

@@ -1,12 +1,12 @@
-"""The one loop every solver runs through.
+"""The one way into the loop, and the loop every iterative solver runs through.
 
-It owns the stopping test, the NaN/Inf guard, the step budget, the statistics, the
-per-sample freezing of batch mode and the optional best-iterate tracking, so that
-every solver (built in or from a plugin) compiles through the same JAX/XLA path.
+`solve` runs any solver: an iterative one through `iterate`, a combinator of whole
+solves through its `run`. `iterate` owns the stopping test, the NaN/Inf guard, the
+step budget, the statistics, the per-sample freezing of batch mode and the optional
+best-iterate tracking, so that every solver (built in or from a plugin) compiles
+through the same JAX/XLA path.
 """
 
-import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -14,27 +14,15 @@ import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jaxtyping import Array, Bool, Float, Inexact, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from ._layout import FlatState
-from ._solution import Result, Stats
-from ._solver import Solver
-
-
-class FlatSolution(eqx.Module):
-    """A solve on the flat `(B, N)` state: what adjoints work with.
-
-    `result` and the `stats` fields have shape `(B,)`; `state` is the solver's final
-    state (e.g. Broyden's inverse-Jacobian factors).
-    """
-
-    z: FlatState
-    fz: FlatState
-    state: Any
-    result: Int[Array, " batch"]
-    stats: Stats
-    trace: Any
+from ._numerics import check_tolerances, residual_norms
+# Freezing the samples that stopped is the per-sample selection solvers also use.
+from ._numerics import where_per_sample as _freeze
+from ._problem import Problem
+from ._solution import FlatSolution, Result, Stats
+from ._solver import AbstractIterativeSolver, AbstractSolveCombinator, AbstractSolver
 
 
 class _Carry(eqx.Module):
@@ -51,105 +39,6 @@ class _Carry(eqx.Module):
     best: Any
 
 
-def working_dtype(dtype: Any) -> Any:
-    """The dtype that statistics, solver histories and backward solves run in: the
-    state's own, widened to at least single precision.
-
-    float16, bfloat16 and float32 give float32; float64 stays float64; complex64 and
-    complex128 stay themselves (their real parts are already single or double
-    precision). Written without `jnp.promote_types`, which JAX's strict promotion
-    refuses for float16/bfloat16 against float32.
-    """
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-        raise TypeError(f"expected a floating or complex dtype, got {dtype}.")
-    if jnp.issubdtype(dtype, jnp.complexfloating) or jnp.finfo(dtype).bits >= 32:
-        return dtype
-    return jnp.dtype(jnp.float32)
-
-
-def stats_dtype(dtype: Any) -> Any:
-    """The real dtype of residual norms: the real counterpart of `working_dtype`
-    (float32 for float16/bfloat16/float32/complex64, float64 for float64/complex128)."""
-    return jnp.finfo(working_dtype(dtype)).dtype
-
-
-def squared_norms(x: Inexact[Array, "batch features"]) -> Float[Array, " batch"]:
-    """Per-sample `‖x_b‖₂² = Σ |x_bn|²`, real also for complex `x`."""
-    if jnp.issubdtype(x.dtype, jnp.complexfloating):
-        return jnp.sum(jnp.real(x) ** 2 + jnp.imag(x) ** 2, axis=-1)
-    return jnp.sum(x**2, axis=-1)
-
-
-def residual_norms(
-    z: FlatState, fz: FlatState
-) -> tuple[Float[Array, " batch"], Float[Array, " batch"]]:
-    """Per-sample `(‖f(z) − z‖₂, ‖f(z) − z‖₂ / ‖f(z)‖₂)`, in `stats_dtype`.
-
-    The norms are plain sums of squares in the working dtype. When `‖f(z)‖²` overflows
-    (entries beyond about `1.8e19 / √N` in float32) the relative error is reported as
-    `inf` rather than the `0` the division would give, so that such a sample is never
-    taken to meet `rtol`; an overflowing `‖f(z) − z‖²` makes `abs_err` infinite, which
-    the loop reports as DIVERGED.
-    """
-    wide = working_dtype(z.dtype)
-    fz = fz.astype(wide)
-    abs_err = jnp.sqrt(squared_norms(fz - z.astype(wide)))
-    scale = jnp.sqrt(squared_norms(fz))
-    rel_err = abs_err / jnp.where(scale > 0, scale, 1)
-    rel_err = jnp.where(jnp.isinf(scale), jnp.inf, rel_err)
-    return abs_err, rel_err
-
-
-class BanaxPrecisionWarning(UserWarning):
-    """A solver's tolerances are finer than the state's dtype can resolve, so the solve
-    will most likely run to `max_steps` (see `check_tolerances`)."""
-
-
-def reachable_tolerances(dtype: Any, features: int) -> tuple[float, float]:
-    """`(rtol, atol)` below which a state of `dtype` with `features` entries per sample
-    cannot be trusted to stop: `ε` and `ε √N`, with `ε` the dtype's machine epsilon.
-
-    Rounding an iterate and its image `f(z)` to the state's dtype leaves a relative
-    residual `‖f(z) − z‖ / ‖f(z)‖` of a fraction of `ε` (measured: 0.2–0.45 ε for
-    bfloat16 and float32 tanh cells of 16 to 256 features, Picard, Anderson and
-    Broyden alike), which no solver can go below. The absolute residual is then about
-    `ε ‖z‖`, i.e. `ε √N` for entries of order one.
-    """
-    eps = float(jnp.finfo(dtype).eps)
-    return eps, eps * math.sqrt(features)
-
-
-def check_tolerances(solver: Solver, dtype: Any, features: int) -> None:
-    """Warn (at trace time) when every enabled stopping test of `solver` is finer than
-    `reachable_tolerances(dtype, features)`; one reachable test is enough for the loop
-    to stop. Nothing is said when both tests are disabled (a fixed number of steps)."""
-    rtol_floor, atol_floor = reachable_tolerances(dtype, features)
-    enabled = [t for t in ((solver.rtol, rtol_floor), (solver.atol, atol_floor)) if t[0] > 0]
-    if enabled and all(tol < floor for tol, floor in enabled):
-        name = jnp.dtype(dtype).name
-        warnings.warn(
-            f"{type(solver).__name__}: atol={solver.atol!r}, rtol={solver.rtol!r} are "
-            f"finer than a {name} state can resolve; the residual of an iterate rounded "
-            f"to {name} stalls near its machine epsilon, so this solve will likely run "
-            f"to max_steps. Use rtol >= {rtol_floor:.3g} (or atol >= {atol_floor:.3g} "
-            f"for {features} entries of order one per sample), or a wider dtype.",
-            BanaxPrecisionWarning,
-            stacklevel=2,
-        )
-
-
-def _freeze(active: Bool[Array, " batch"], new: Any, old: Any) -> Any:
-    """Keep `old` for the samples that are no longer active (batch axis first)."""
-
-    def pick(n: Any, o: Any) -> Any:
-        if not eqx.is_array(n) or n.ndim == 0:
-            return n
-        return jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
-
-    return jax.tree.map(pick, new, old)
-
-
 def _freeze_all(running: Bool[Array, ""], new: Any, old: Any, scalars_only: bool = False
                 ) -> Any:
     """`new` if `running`, else `old`, leaf by leaf: for what has no batch axis (the
@@ -163,29 +52,8 @@ def _freeze_all(running: Bool[Array, ""], new: Any, old: Any, scalars_only: bool
     return jax.tree.map(pick, new, old)
 
 
-def check_step_budget(
-    step_budget: Any, name: str = "step_budget"
-) -> Int[Array, ""] | None:
-    """Validate a step budget (`name` is the argument's name in the messages): `None`
-    or an integer JAX array of shape `()`."""
-    if step_budget is None:
-        return None
-    if not isinstance(step_budget, (jax.Array, np.ndarray)):
-        raise TypeError(
-            f"{name} must be a JAX array or None, got {type(step_budget).__name__} "
-            f"{step_budget!r}. Pass jnp.array({step_budget!r}) so that changing it does "
-            "not recompile."
-        )
-    if step_budget.shape != () or not jnp.issubdtype(step_budget.dtype, jnp.integer):
-        raise TypeError(
-            f"{name} must be a scalar integer array, got shape "
-            f"{step_budget.shape} and dtype {step_budget.dtype}."
-        )
-    return jnp.asarray(step_budget)
-
-
 def iterate(
-    solver: Solver,
+    solver: AbstractIterativeSolver,
     f: Callable[..., tuple[FlatState, Any]],
     z0: FlatState,
     trace: Any = None,
@@ -309,14 +177,60 @@ def iterate(
     )
 
 
+def solve(
+    solver: AbstractSolver,
+    problem: Problem | Callable[..., tuple[FlatState, Any]],
+    z0: FlatState | None = None,
+    trace: Any = None,
+    step_budget: Int[Array, ""] | None = None,
+) -> FlatSolution:
+    """Run `solver`: the one way into the loop, for every solver and every adjoint.
+
+    - `solve(solver, problem)` runs an adjoint's `Problem` (its traced `f`, `z0`,
+        trace and step budget); differentiable iff the solver's `loop_kind` is.
+    - `solve(solver, f, z0, trace=None, step_budget=None)` runs a flat function
+        `f(z, trace, tag=None) -> (f(z), trace)`, such as a `TracedFunction` (a
+        combinator's inner solves) or a wrapped untraced map (see `solve_flat`).
+
+    An `AbstractIterativeSolver` runs through banax's loop; an
+    `AbstractSolveCombinator` through its `run`. The step budget is clamped to
+    `[0, solver.max_steps]`.
+    """
+    if isinstance(problem, Problem):
+        if z0 is not None:
+            raise TypeError(
+                "solve(solver, problem) takes no z0: the problem holds its initial "
+                "state; call solve(solver, f, z0) to run a flat function instead."
+            )
+        f, z0 = problem.f, problem.z0
+        trace, step_budget = problem.trace_init, problem.step_budget
+    elif callable(problem) and z0 is not None:
+        f = problem
+    else:
+        raise TypeError(
+            "solve takes (solver, problem) with a banax.extend.Problem, or (solver, f, "
+            f"z0) with a flat function f(z, trace, tag=None) -> (f(z), trace); got "
+            f"{type(problem).__name__} and z0={'None' if z0 is None else '...'}."
+        )
+    if isinstance(solver, AbstractSolveCombinator):
+        return solver.run(f, z0, trace, step_budget)
+    if not isinstance(solver, AbstractIterativeSolver):
+        raise TypeError(
+            f"solve needs a banax solver (a banax.solver.Solver or an "
+            f"AbstractSolveCombinator), got {type(solver).__name__}."
+        )
+    return iterate(solver, f, z0, trace, step_budget)
+
+
 def solve_flat(
-    solver: Solver,
+    solver: AbstractSolver,
     fn: Callable[[FlatState], FlatState],
     z0: FlatState,
     step_budget: Int[Array, ""] | None = None,
 ) -> FlatSolution:
-    """Find `z = fn(z)` for an untraced flat function (e.g. a backward linear system).
+    """Find `z = fn(z)` for an untraced flat function (e.g. a backward linear system),
+    through `solve`.
 
     Samples along the first axis are independent, so per-sample stopping applies.
     """
-    return solver.run(lambda z, trace, tag=None: (fn(z), trace), z0, None, step_budget)
+    return solve(solver, lambda z, trace, tag=None: (fn(z), trace), z0, None, step_budget)

@@ -16,19 +16,12 @@ import jax.numpy as jnp
 
 from ._adjoint import Adjoint
 from ._layout import layout_of
-from ._loop import residual_norms
+from ._numerics import residual_norms
+from ._options import check_options
 from ._solution import Result, Solution, Stats
-from ._solver import Solver
+from ._solver import AbstractSolveCombinator, AbstractSolver
 
 INFERENCE_OPTIONS = ("max_steps", "rtol", "atol")
-
-
-def _run_checks(solver: Solver) -> None:
-    # `eqx.tree_at` skips `__check_init__`; run every class's check as Equinox does.
-    for cls in type(solver).__mro__:
-        check = cls.__dict__.get("__check_init__")
-        if check is not None:
-            check(solver)
 
 
 def inference_adjoint(adjoint: Adjoint, options: dict[str, Any]) -> Adjoint:
@@ -53,13 +46,14 @@ def check_inference_options(adjoint: Adjoint, options: Any) -> dict[str, Any]:
             f"forward solve's settings under eqx.nn.inference_mode), got {options!r}."
         )
     solver = adjoint.solver
-    if type(solver).run is not Solver.run:
+    if isinstance(solver, AbstractSolveCombinator):
         raise TypeError(
             f"DEQ: inference_settings replace the solver's own max_steps/rtol/atol, but "
             f"{type(solver).__name__} runs other solvers; set the inference settings on "
             "those (e.g. a second DEQ built with the inference solver)."
         )
-    _run_checks(inference_adjoint(adjoint, options).solver)
+    # `eqx.tree_at` skips `__check_init__`: run the checks on the edited solver.
+    check_options(inference_adjoint(adjoint, options).solver)
     return dict(options)
 
 
@@ -72,7 +66,7 @@ def check_pretrain_steps(steps: Any) -> None:
         )
 
 
-def unrolled(f: Any, z0: Any, steps: int, solver: Solver) -> Solution:
+def unrolled(f: Any, z0: Any, steps: int, solver: AbstractSolver) -> Solution:
     """Apply `f` `steps` times from `z0`, differentiably (a scan), and report the last
     step's residual `‖z_K − z_{K−1}‖` against the solver's tolerance."""
     z_prev = jax.lax.fori_loop(0, steps - 1, lambda _, z: f(z), z0)

@@ -13,8 +13,8 @@ types raise `TypeError`, values out of range `ValueError`. Plugin authors call t
 from `__check_init__`:
 
     def __check_init__(self):
-        banax.check_real(self, "anchor_scale", self.anchor_scale, low=0, high=1,
-                         low_open=True)
+        banax.extend.check_real(self, "anchor_scale", self.anchor_scale, low=0,
+                                high=1, low_open=True)
 """
 
 import dataclasses

@@ -14,8 +14,9 @@ from jaxtyping import Array, Int
 
 from ._fspec import BoundFunction, FSpec, bind
 from ._layout import FlatState, as_state, layout_of
-from ._loop import FlatSolution, check_step_budget
-from ._solution import Solution
+from ._numerics import check_step_budget
+from ._pytrees import describe, same_shapes, same_structure
+from ._solution import FlatSolution, Solution
 from ._trace import TracedFunction, check_trace
 
 
@@ -63,25 +64,6 @@ class Problem(eqx.Module):
         return params, f_with
 
 
-def _same_structure(a: Any, b: Any) -> bool:
-    if jax.tree.structure(a) != jax.tree.structure(b):
-        return False
-    return all(
-        x.shape == y.shape and x.dtype == y.dtype
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    )
-
-
-def _describe(tree: Any) -> str:
-    return str(jax.tree.map(lambda x: f"{x.dtype}{list(x.shape)}", tree))
-
-
-def _same_shapes(a: Any, b: Any) -> bool:
-    return jax.tree.structure(a) == jax.tree.structure(b) and all(
-        x.shape == y.shape for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    )
-
-
 def _evaluate(bound: BoundFunction, x0: Any) -> Any:
     """`f(x0)` abstractly; an error of f's own is re-raised saying how f was called."""
     try:
@@ -97,7 +79,7 @@ def _evaluate(bound: BoundFunction, x0: Any) -> Any:
         keywords = f" and keywords {sorted(bound.kwargs)}" if bound.kwargs else ""
         raise (TypeError if isinstance(error, TypeError) else ValueError)(
             f"f failed when called as f(x0, *args, **kwargs) with x0 "
-            f"{_describe(jax.eval_shape(lambda: x0))}, {len(bound.args)} extra "
+            f"{describe(jax.eval_shape(lambda: x0))}, {len(bound.args)} extra "
             f"positional argument(s){keywords}: {type(error).__name__}: {reason}{hint} "
             "Check that x0 has the structure and shapes f expects and that f_spec passes "
             "f's extra arguments: f, (f, arg), (f, (arg1, arg2)) or (f, args, kwargs)."
@@ -129,34 +111,34 @@ def make_problem(
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise TypeError(
                 "has_aux=True, so f must return a pair (fx, f_aux); it returned "
-                f"{_describe(out)}."
+                f"{describe(out)}."
             )
         fx, aux = out
-        if not _same_structure(fx, x_shape) and _same_structure(out, x_shape):
+        if not same_structure(fx, x_shape) and same_structure(out, x_shape):
             raise ValueError(
                 "has_aux=True, so f's output was taken apart as (fx, f_aux), but the "
-                f"whole output is the state: x0 is {_describe(x_shape)} and f(x0) is "
-                f"{_describe(out)}. Pass has_aux=False, or return the auxiliary output "
+                f"whole output is the state: x0 is {describe(x_shape)} and f(x0) is "
+                f"{describe(out)}. Pass has_aux=False, or return the auxiliary output "
                 "beside the state: return (fx1, fx2), f_aux."
             )
     else:
         fx, aux = out, None
-    if _same_shapes(fx, x_shape) and not _same_structure(fx, x_shape):
+    if same_shapes(fx, x_shape) and not same_structure(fx, x_shape):
         dtype = jax.tree.leaves(fx)[0].dtype
         raise ValueError(
-            f"f changes the state's dtype: x0 is {_describe(x_shape)} but f(x0) is "
-            f"{_describe(fx)}. The solver iterates in x0's dtype: pass x0 in the dtype f "
+            f"f changes the state's dtype: x0 is {describe(x_shape)} but f(x0) is "
+            f"{describe(fx)}. The solver iterates in x0's dtype: pass x0 in the dtype f "
             f"computes in (e.g. x0.astype(jnp.{dtype})), or make f return its output in "
             "the state's dtype (fx.astype(x.dtype))."
         )
-    if not _same_structure(fx, x_shape):
+    if not same_structure(fx, x_shape):
         hint = (
             " If f returns (fx, f_aux), pass has_aux=True."
             if not has_aux and isinstance(out, tuple) and len(out) == 2 else ""
         )
         raise ValueError(
             "f must return a state with the same structure (pytree, shapes and dtypes) as "
-            f"x0. x0 is {_describe(x_shape)} but f(x0) is {_describe(fx)}.{hint}"
+            f"x0. x0 is {describe(x_shape)} but f(x0) is {describe(fx)}.{hint}"
         )
     trace_fn, trace_init = None, None
     if trace is not None:

@@ -16,6 +16,8 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from ._adjoint import AbstractAdjoint
+from ._solver import AbstractSolver
 
 ENTRY_POINT_GROUP = "banax"
 DISABLE_AUTOLOAD_ENV = "BANAX_DISABLE_PLUGIN_AUTOLOAD"
@@ -83,12 +85,13 @@ def _check_entry(kind: str, obj: Any) -> str | None:
     """Why `obj` cannot be registered as a `kind`, or None if it can."""
     if kind == "regularizer":
         return None if callable(obj) else f"{obj!r} is not callable"
-    if kind == "solver":
-        from ._solver import Solver as base
-    else:
-        from ._adjoint import Adjoint as base
+    base, described = {
+        "solver": (AbstractSolver, "banax.solver.Solver (or "
+                   "banax.extend.AbstractSolveCombinator)"),
+        "adjoint": (AbstractAdjoint, "banax.adjoint.Adjoint"),
+    }[kind]
     if not (isinstance(obj, type) and issubclass(obj, base)):
-        return f"{obj!r} is not a subclass of banax.{kind}.{base.__name__}"
+        return f"{obj!r} is not a subclass of {described}"
     return None
 
 
@@ -305,22 +308,44 @@ def get_solver(name: str, **options: Any) -> Any:
     return _construct("solver", name, REGISTRY.resolve("solver", name), options)
 
 
-def _as_solver(option: str, value: Any) -> Any:
-    from ._solver import Solver
+def _as_component(kind: str, spec: Any, owner: str, option: str, strict: bool) -> Any:
+    """A `kind` given as an instance, a registry name, or `{"name": ..., **options}`.
 
-    if isinstance(value, Solver):
-        return value
-    if isinstance(value, str):
-        return get_solver(value)
-    if isinstance(value, Mapping):
-        spec = dict(value)
-        if "name" not in spec:
-            raise TypeError(
-                f"{option}= given as a dict needs a 'name' key, e.g. "
-                "{'name': 'picard', 'rtol': 1e-6}; got keys " + f"{sorted(spec)}."
-            )
-        return get_solver(spec.pop("name"), **spec)
-    return value  # e.g. a lineax solver for b_solver; the adjoint validates it
+    Anything else is refused when `strict`, and otherwise returned as it is (e.g. a
+    lineax solver for an adjoint's `b_solver`, which the adjoint validates); a dict
+    without a name is refused either way.
+    """
+    base, seed_name, get, example = {
+        "solver": (AbstractSolver, "banax.Solver", get_solver, "anderson"),
+        "adjoint": (AbstractAdjoint, "banax.Adjoint", get_adjoint, "implicit"),
+    }[kind]
+    if isinstance(spec, base):
+        return spec
+    if isinstance(spec, str):
+        return get(spec)
+    if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
+        options = dict(spec)
+        return get(options.pop("name"), **options)
+    if not strict and not isinstance(spec, Mapping):
+        return spec
+    raise TypeError(
+        f"{owner}: {option} must be a {seed_name} instance, a registry name such as "
+        f"{example!r}, or a dict {{'name': {example!r}, **options}}, which needs a "
+        f"'name' key; got {spec!r}."
+    )
+
+
+def as_solver(spec: Any, *, owner: str, option: str = "solver") -> Any:
+    """A solver given as an instance, a registry name such as `"anderson"`, or
+    `{"name": "anderson", **options}` (built by `banax.get_solver`). `owner` and
+    `option` name the argument in the error raised for anything else."""
+    return _as_component("solver", spec, owner, option, strict=True)
+
+
+def as_adjoint(spec: Any, *, owner: str, option: str = "adjoint") -> Any:
+    """An adjoint given as an instance, a registry name such as `"implicit"`, or
+    `{"name": "implicit", **options}` (built by `banax.get_adjoint`)."""
+    return _as_component("adjoint", spec, owner, option, strict=True)
 
 
 def get_adjoint(name: str, **options: Any) -> Any:
@@ -329,7 +354,9 @@ def get_adjoint(name: str, **options: Any) -> Any:
     cls = REGISTRY.resolve("adjoint", name)
     for option in ("solver", "b_solver"):
         if option in options:
-            options[option] = _as_solver(option, options[option])
+            options[option] = _as_component(
+                "solver", options[option], f"adjoint {name!r}", option, strict=False
+            )
     return _construct("adjoint", name, cls, options)
 
 

@@ -1,5 +1,6 @@
-"""What a solve returns: `Solution`, its `Stats`, its `Result` code, and the
-`BackwardStats` of a backward solve."""
+"""What a solve returns: `Solution`, its `Stats`, its `Result` code, the
+`BackwardStats` of a backward solve, and the `FlatSolution` that solvers and adjoints
+work with."""
 
 import enum
 from typing import Any
@@ -8,6 +9,8 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
+
+from ._layout import FlatState
 
 
 class Result(enum.IntEnum):
@@ -146,3 +149,17 @@ class BackwardStats(eqx.Module):
             rel_err=as32(stats.rel_err), result=as32(result),
         )
 
+
+class FlatSolution(eqx.Module):
+    """A solve on the flat `(B, N)` state: what adjoints work with.
+
+    `result` and the `stats` fields have shape `(B,)`; `state` is the solver's final
+    state (e.g. Broyden's inverse-Jacobian factors).
+    """
+
+    z: FlatState
+    fz: FlatState
+    state: Any
+    result: Int[Array, " batch"]
+    stats: Stats
+    trace: Any

@@ -1,29 +1,38 @@
-"""The `Solver` base class and the capabilities a solver may advertise."""
+"""The solver bases and the capabilities a solver may advertise.
+
+Every solver is an `AbstractSolver`: the shared options and the stopping test. It is
+one of two kinds, and `banax.extend.solve` runs either:
+
+- an `AbstractIterativeSolver` (the seed's `banax.solver.Solver`) supplies an initial
+  state and a step, and banax's loop runs them;
+- an `AbstractSolveCombinator` is made of whole solves of other solvers (such as
+  `banax.solver.Fallback`) and supplies `run`, which solves through `banax.extend.solve`.
+"""
 
 import abc
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import equinox as eqx
-from jaxtyping import Array, Bool, Float, Int
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Inexact, Int
 
 from ._layout import FlatState
 from ._options import check_choice, check_flag, check_integer, check_real, normalise_options
+from ._solution import FlatSolution
 from ._trace import TracedFunction
-
-if TYPE_CHECKING:
-    from ._loop import FlatSolution
 
 LOOP_KINDS = ("lax", "bounded", "checkpointed")
 MAX_STEPS_LIMIT = 2**31 - 1
 SolverState = TypeVar("SolverState")
 
 
-class Solver(eqx.Module, Generic[SolverState]):
-    """Base class of every fixed-point solver: finds `z* = f(z*)`.
+class AbstractSolver(eqx.Module):
+    """What every fixed-point solver speaks: its shared options and its stopping test.
 
-    The loop (stopping test, NaN guard, step budget, statistics, tracing, batch mode)
-    belongs to banax; a solver supplies only its initial state and its step.
+    Not subclassed directly: an iterative solver subclasses `AbstractIterativeSolver`
+    (`banax.solver.Solver`), a solver made of whole solves `AbstractSolveCombinator`.
 
     **Shared options:**
 
@@ -49,7 +58,7 @@ class Solver(eqx.Module, Generic[SolverState]):
         On a CPU keep 1.
 
     **Precision.** Residuals and solver histories are kept in
-    `banax.working_dtype` of the state (float32 for float16/bfloat16), but the iterate
+    `banax.extend.working_dtype` of the state (float32 for float16/bfloat16), but the iterate
     is stored in the state's dtype, whose rounding leaves a relative residual of a
     fraction of its machine epsilon `ε`. A tolerance finer than that cannot be met: when
     every enabled test is below `banax.reachable_tolerances(dtype, N)` — `rtol < ε`,
@@ -61,16 +70,6 @@ class Solver(eqx.Module, Generic[SolverState]):
     **Complex states** (complex64/complex128) work with Picard, Relaxed, Anderson and
     Broyden: inner products are Hermitian (`⟨a, b⟩ = Σ conj(a) b`) and residuals use
     `|·|²`, with real float32/float64 statistics.
-
-    **Writing a solver.** Subclass, add your options as fields (with defaults), and
-    implement `init` and `step`. Both see the state as a flat array `z` of shape
-    `(B, N)`: `B` samples (1 outside batch mode) of `N` features. Reduce over the last
-    axis for per-sample quantities, never over the first. Every non-scalar array in
-    your state must be per-sample with the batch axis first (`(B, ...)`), so that the
-    loop can freeze converged samples; quantities shared by all samples (a step
-    counter) must be scalars. Call `f` as
-    `fz, trace = f(z, trace)` and thread `trace` through; pass `tag="..."` at trial
-    evaluations that are not iterates (e.g. line search).
     """
 
     atol: float = eqx.field(default=0.0, kw_only=True)
@@ -83,7 +82,7 @@ class Solver(eqx.Module, Generic[SolverState]):
 
     def __check_init__(self) -> None:
         # Runs after the subclasses' checks (Equinox walks the MRO from the subclass),
-        # which therefore use the `banax.check_*` functions that accept NumPy scalars.
+        # which therefore use the `banax.extend.check_*` functions that accept NumPy scalars.
         normalise_options(self)
         for option in ("atol", "rtol"):
             check_real(self, option, getattr(self, option), low=0, why="; 0.0 disables it")
@@ -120,17 +119,24 @@ class Solver(eqx.Module, Generic[SolverState]):
             ok = ok | (rel_err <= self.rtol)
         return ok
 
-    def run(
-        self, f: Callable[..., tuple[FlatState, Any]], z0: FlatState, trace: Any = None,
-        step_budget: Int[Array, ""] | None = None,
-    ) -> "FlatSolution":
-        """Solve `z = f(z)` from `z0`: by default, `init` and `step` through the shared
-        loop (`banax.iterate`). Override only for a solver made of whole solves, such as
-        one that runs two solvers in turn (`banax.solver.Fallback`); `banax.solve` and
-        `banax.solve_flat` call this."""
-        from ._loop import iterate  # _loop imports this module
 
-        return iterate(self, f, z0, trace, step_budget)
+class AbstractIterativeSolver(AbstractSolver, Generic[SolverState]):
+    """Base class of the solvers that banax's loop runs: an initial state and a step.
+
+    The loop (stopping test, NaN guard, step budget, statistics, tracing, batch mode)
+    belongs to banax; a solver supplies only `init` and `step`. The seed's name for
+    this class is `banax.solver.Solver` (also `banax.Solver`).
+
+    **Writing a solver.** Subclass, add your options as fields (with defaults), and
+    implement `init` and `step`. Both see the state as a flat array `z` of shape
+    `(B, N)`: `B` samples (1 outside batch mode) of `N` features. Reduce over the last
+    axis for per-sample quantities, never over the first. Every non-scalar array in
+    your state must be per-sample with the batch axis first (`(B, ...)`), so that the
+    loop can freeze converged samples; quantities shared by all samples (a step
+    counter) must be scalars. Call `f` as
+    `fz, trace = f(z, trace)` and thread `trace` through; pass `tag="..."` at trial
+    evaluations that are not iterates (e.g. line search).
+    """
 
     @abc.abstractmethod
     def init(self, z0: FlatState, fz0: FlatState) -> SolverState:
@@ -148,6 +154,35 @@ class Solver(eqx.Module, Generic[SolverState]):
         """
 
 
+Solver = AbstractIterativeSolver
+
+
+class AbstractSolveCombinator(AbstractSolver):
+    """Base class of the solvers made of whole solves of other solvers.
+
+    Such a solver has no single step: `run` solves `z = f(z)` from `z0` by calling
+    `banax.extend.solve` on other solvers (e.g. one after the other on the samples the
+    first failed, as `banax.solver.Fallback` does) and combines their `FlatSolution`s.
+    `banax.extend.solve` calls `run` for it, so every adjoint runs it like any solver.
+
+    Its shared options describe the whole solve (read them off the inner solvers in
+    `__init__`): `max_steps` caps the `step_budget` a call may give, `loop_kind` says
+    whether the whole solve is reverse-differentiable, `batch_axis` is the inner
+    solvers' common one. As it has no single step, it cannot take the inference
+    settings of a `DEQ`, invert its step or expose inverse-Jacobian factors.
+    """
+
+    @abc.abstractmethod
+    def run(
+        self, f: Callable[..., tuple[FlatState, Any]], z0: FlatState, trace: Any,
+        step_budget: Int[Array, ""] | None,
+    ) -> FlatSolution:
+        """Solve `z = f(z)` from `z0`, with `f(z, trace, tag=None) -> (f(z), trace)` a
+        `TracedFunction` (or any callable of that form), threading `trace` and capping
+        the steps of all the inner solves together at `step_budget` (an integer array,
+        or `None`)."""
+
+
 class LowRankInverseJacobian(eqx.Module):
     """Capability: the solver's state holds a low-rank estimate of `(I − J_f)⁻¹`.
 
@@ -161,6 +196,22 @@ class LowRankInverseJacobian(eqx.Module):
         self, state: Any
     ) -> tuple[Float[Array, "batch rank features"], Float[Array, "batch rank features"]]:
         ...
+
+    def inverse_jacobian_vjp(
+        self, state: Any, g: Inexact[Array, "batch features"]
+    ) -> Inexact[Array, "batch features"]:
+        """`(I − J_f)⁻ᵀ g ≈ (I + Uᵀ V)ᵀ g = g + Vᵀ (U g)` for each sample, from the
+        factors in `state`.
+
+        Computed in `g`'s dtype (pass it in `banax.extend.working_dtype`), at the
+        highest matmul precision, which keeps GPUs from rounding float32 operands to
+        TF32. The transpose is a plain one, without conjugation, as JAX's VJP
+        `v ↦ Jᵀ v` is for complex states too.
+        """
+        u, v = (a.astype(g.dtype) for a in self.inverse_jacobian_factors(state))
+        highest = jax.lax.Precision.HIGHEST
+        coefficients = jnp.einsum("bmn,bn->bm", u, g, precision=highest)
+        return g + jnp.einsum("bm,bmn->bn", coefficients, v, precision=highest)
 
 
 class InvertibleStep(eqx.Module):

@@ -8,7 +8,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._fspec import FSpec, bind
 from ._layout import layout_of
-from ._loop import squared_norms
+from ._numerics import squared_norms
 
 
 def spectral_radius(

@@ -24,15 +24,12 @@ import numpy as np
 
 from ._fspec import BoundFunction
 from ._layout import FlatState, Layout
+from ._pytrees import describe
 
 TraceFn = Callable[..., Any]
 """`trace_fn(acc, x, fx, f_aux, **tags) -> acc`."""
 
 _SIGNATURE = "trace_fn(acc, x, fx, f_aux, **tags) -> acc"
-
-
-def _describe(tree: Any) -> str:
-    return str(jax.tree.map(lambda a: f"{a.dtype}{list(a.shape)}", tree))
 
 
 def _kind(obj: Any) -> str:
@@ -74,8 +71,8 @@ def check_accumulator(init: Any, out: Any) -> None:
     if not same:
         raise ValueError(
             "trace_fn must return an accumulator with the structure and shapes of "
-            f"trace_init: trace_init is {_describe(init)} but trace_fn returned "
-            f"{_describe(out)}."
+            f"trace_init: trace_init is {describe(init)} but trace_fn returned "
+            f"{describe(out)}."
         )
     lossy = [
         (i.dtype, o.dtype) for i, o in zip(jax.tree.leaves(init), jax.tree.leaves(out))
@@ -86,8 +83,8 @@ def check_accumulator(init: Any, out: Any) -> None:
         raise TypeError(
             f"trace_fn returns {got} where trace_init holds {into}: the accumulator "
             f"keeps trace_init's dtypes, and {got} does not cast into {into} without "
-            f"loss. trace_init is {_describe(init)} and trace_fn returned "
-            f"{_describe(out)}; give trace_init the dtype trace_fn computes in (e.g. "
+            f"loss. trace_init is {describe(init)} and trace_fn returned "
+            f"{describe(out)}; give trace_init the dtype trace_fn computes in (e.g. "
             f"jnp.zeros(shape, jnp.{got})), or a Python number, which takes that dtype."
         )
 
@@ -123,8 +120,8 @@ def check_trace(trace: Any, x: Any, fx: Any, f_aux: Any) -> tuple[TraceFn, Any]:
         except (TypeError, ValueError) as error:
             raise (TypeError if isinstance(error, TypeError) else ValueError)(
                 f"trace_fn failed when called as trace_fn(acc, x, fx, f_aux) with acc "
-                f"{_describe(jax.eval_shape(lambda: acc))}, x {_describe(x)}, fx "
-                f"{_describe(fx)}: {error}"
+                f"{describe(jax.eval_shape(lambda: acc))}, x {describe(x)}, fx "
+                f"{describe(fx)}: {error}"
             ) from error
 
     init_shape = jax.eval_shape(lambda: init)

@@ -1,13 +1,16 @@
 """Adjoints: how gradients flow through a fixed point.
 
-`Adjoint`, `BackwardRuleAdjoint` and `LinearSolveAdjoint` are the base classes. The concrete adjoints
+`Adjoint`, `BackwardRuleAdjoint` and `LinearSolveAdjoint` are the base classes (the
+seed's names of `banax.extend.AbstractAdjoint`, `AbstractBackwardRuleAdjoint` and
+`AbstractLinearSolveAdjoint`). The concrete adjoints
 (`BPTT`, `Implicit`, `JFB`, `GDEQ`, `UnrollPhantom`, `NeumannPhantom`, `Reversible`,
 and any a plugin adds) are resolved from the registry on attribute access.
 """
 
 from typing import TYPE_CHECKING, Any
 
-from ._adjoint import Adjoint, BackwardRuleAdjoint, LinearSolveAdjoint, solve
+from ._adjoint import Adjoint, BackwardRuleAdjoint, LinearSolveAdjoint
+from ._loop import solve
 from ._problem import Problem
 from ._registry import REGISTRY, registrations
 

@@ -43,16 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from banax import (
-    Adjoint,
-    FlatSolution,
-    Problem,
-    Solver,
-    get_adjoint,
-    solve,
-    trace_count,
-    trace_history,
-)
+from banax import Adjoint, Solver, get_adjoint, trace_count, trace_history
+from banax.extend import FlatSolution, Problem, solve
 
 __all__ = [
     "ADJOINTS", "DEFAULT_ADJOINTS", "DEFAULT_SOLVERS", "FORWARD_TARGET", "LEARNING_RATE",

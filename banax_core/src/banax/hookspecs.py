@@ -8,8 +8,9 @@ entry-point group `banax`::
     my_plugin = "my_plugin"
 
 Each hook takes no arguments and returns a dict from registry name to object. A name
-must be a non-empty string; the objects are `banax.solver.Solver` subclasses,
-`banax.adjoint.Adjoint` subclasses and callables respectively. Classes also appear as
+must be a non-empty string; the objects are solver classes (`banax.solver.Solver`
+subclasses, or `banax.extend.AbstractSolveCombinator` ones), `banax.adjoint.Adjoint`
+subclasses and callables respectively. Classes also appear as
 attributes of `banax.solver` / `banax.adjoint` under their class name.
 """
 

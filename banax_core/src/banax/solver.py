@@ -1,9 +1,10 @@
 """Fixed-point solvers.
 
-`Solver` is the base class. The concrete solvers (`Picard`, `Relaxed`, `Reversible`,
-`Broyden`, `Anderson`, `Fallback`, and any a plugin adds) are resolved from the
-registry on attribute access, so `from banax.solver import Anderson` works for every
-installed plugin without this module importing one.
+`Solver` is the base class (the seed's name of `banax.extend.AbstractIterativeSolver`).
+The concrete solvers (`Picard`, `Relaxed`, `Reversible`, `Broyden`, `Anderson`,
+`Fallback`, a `banax.extend.AbstractSolveCombinator`, and any a plugin adds) are
+resolved from the registry on attribute access, so `from banax.solver import Anderson`
+works for every installed plugin without this module importing one.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
+from ._keys import key_shape
 from ._options import check_integer
 
 Projection = Callable[[Any, Any, Any], Any]
@@ -105,11 +106,7 @@ def zeros_like(tree: Any) -> Any:
 def half_normal_like(key: PRNGKeyArray, tree: Any) -> Any:
     """A random pytree like `tree`: each entry is 0 with probability 1/2, otherwise
     i.i.d. standard normal. A common DEQ initial state that breaks symmetry."""
-    is_key = isinstance(key, jax.Array) and (
-        (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ())
-        or (key.dtype == jnp.uint32 and key.shape == (2,))
-    )
-    if not is_key:
+    if key_shape(key) != ():
         raise TypeError(
             "half_normal_like: key must be a single PRNG key such as jax.random.key(0), "
             f"got {type(key).__name__}{f' of shape {key.shape}' if hasattr(key, 'shape') else ''}"

@@ -23,7 +23,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from banax import FSpec, TracedFunction, make_problem
+from banax import FSpec
+from banax.extend import TracedFunction, key_shape, make_problem, working_dtype
 from jaxtyping import Array, Float, PRNGKeyArray
 
 Flat = Float[Array, "batch features"]
@@ -109,9 +110,7 @@ def flat_map(f_spec: FSpec, x_star: Any, *, has_aux: bool, batch_axis: int | Non
             "and support real floating-point states only. Split a complex state into "
             "its real and imaginary parts."
         )
-    # At least float32, without implicit promotion (strict promotion refuses it).
-    dtype = layout.dtype if jnp.finfo(layout.dtype).bits >= 32 else jnp.float32
-    z = jax.lax.stop_gradient(problem.z0).astype(dtype)
+    z = jax.lax.stop_gradient(problem.z0).astype(working_dtype(layout.dtype))
     return FlatMap(problem.f, z, layout.batched, _has_forward_mode(problem.f, z))
 
 
@@ -154,17 +153,15 @@ def check_key(key: PRNGKeyArray | None, name: str) -> None:
             "key=jax.random.key(seed) (split a fresh one at every training step); "
             "got key=None."
         )
-    typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    raw = isinstance(key, jax.Array) and key.dtype == jnp.uint32
-    if not (typed or raw):
+    shape = key_shape(key)
+    if shape is None:
         described = type(key).__name__ + (f" of dtype {key.dtype}" if hasattr(key, "dtype")
                                           else "")
         raise TypeError(
             f"{name}: key must be a PRNG key such as jax.random.key(seed), got "
             f"{described}."
         )
-    # A single typed key is a scalar; a single raw key is one row of uint32 words.
-    if (typed and key.ndim != 0) or (raw and key.ndim != 1):
+    if shape != ():
         raise ValueError(
             f"{name}: key must be a single PRNG key, got an array of keys of shape "
             f"{key.shape}; use one key per call (jax.vmap over the keys for several)."

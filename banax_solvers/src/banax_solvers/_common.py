@@ -10,34 +10,32 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Inexact
 
-import banax
-
-Flat = Inexact[Array, "batch features"]
-"""A state as solvers see it: `B` samples (1 outside batch mode) of `N` features."""
+from banax.extend import FlatState as Flat
+from banax.extend import check_flag, check_integer, check_real, squared_norms
 
 
 def check_damp(solver: Any, *, allow_one: bool, why: str = "") -> None:
     """Raise unless `solver.damp` is a number in (0, 1] (or (0, 1) when `allow_one` is
     False)."""
-    banax.check_real(solver, "damp", solver.damp, low=0, high=1, low_open=True,
+    check_real(solver, "damp", solver.damp, low=0, high=1, low_open=True,
                      high_open=not allow_one, why=why)
 
 
 def check_int(solver: Any, option: str, minimum: int) -> None:
     """Raise unless the option `option` of `solver` is an int >= `minimum`."""
-    banax.check_integer(solver, option, getattr(solver, option), minimum=minimum)
+    check_integer(solver, option, getattr(solver, option), minimum=minimum)
 
 
 def check_bool(solver: Any, option: str) -> None:
     """Raise unless the option `option` of `solver` is True or False."""
-    banax.check_flag(solver, option, getattr(solver, option))
+    check_flag(solver, option, getattr(solver, option))
 
 
 def check_nonnegative(solver: Any, option: str, *, allow_none: bool = False,
                       strict: bool = False) -> None:
     """Raise unless the option `option` of `solver` is a finite number >= 0 (> 0 if
     `strict`), or None when `allow_none`."""
-    banax.check_real(solver, option, getattr(solver, option), low=0, low_open=strict,
+    check_real(solver, option, getattr(solver, option), low=0, low_open=strict,
                      allow_none=allow_none)
 
 
@@ -62,7 +60,7 @@ def sample_dot(a: Inexact[Array, "batch features"],
 
 def sample_norm(x: Inexact[Array, "batch features"]) -> Float[Array, " batch"]:
     """Per-sample `‖x_b‖₂`, real also for complex `x`."""
-    return jnp.sqrt(banax.squared_norms(x))
+    return jnp.sqrt(squared_norms(x))
 
 
 # Histories are contracted with batched matrix products rather than broadcast-and-sum:

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Inexact, Int
 
-from banax import Solver, TracedFunction, working_dtype
+from banax import Solver
+from banax.extend import TracedFunction, working_dtype
 
 from ._common import (
     Flat,
@@ -30,7 +31,7 @@ class AndersonState(eqx.Module):
     iterate mixes) and `r[b, i] = f(z_i) − z_i` (what the mixing weights are fitted on),
     both `(B, depth, N)`; `gram[b, i, j] = ⟨r[b, i], r[b, j]⟩` (Hermitian for complex
     states) is `(B, depth, depth)`, kept up to date one row and column per step. All are
-    in `banax.working_dtype` of the state (at least float32). `count` is
+    in `banax.extend.working_dtype` of the state (at least float32). `count` is
     the number of pairs stored so far (shared by all samples); the next one goes to slot
     `count % depth`.
     """

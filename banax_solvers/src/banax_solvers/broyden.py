@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Inexact, Int
 
-from banax import (
+from banax import Solver
+from banax.extend import (
     LowRankInverseJacobian,
-    Solver,
     TracedFunction,
     residual_norms,
     stats_dtype,
@@ -37,7 +37,7 @@ class BroydenState(eqx.Module):
 
     `u` and `v` have shape `(B, history_size, N)`, unused slots are zero; `direction` is
     the next step `−H g(z)` at the current iterate, `(B, N)` (kept so that each product
-    with `H` is computed once). All are in `banax.working_dtype` of the state (at least
+    with `H` is computed once). All are in `banax.extend.working_dtype` of the state (at least
     float32). `count` is the number of
     updates made so far (shared by all samples); the next goes to slot
     `count % history_size`.

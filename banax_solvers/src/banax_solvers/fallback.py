@@ -8,8 +8,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int
 
-import banax
-from banax import FlatSolution, Result, Solver, Stats
+from banax import Result, Stats
+from banax.extend import (
+    AbstractSolveCombinator,
+    AbstractSolver,
+    FlatSolution,
+    as_solver,
+    solve,
+    where_per_sample,
+)
 
 from ._common import Flat
 
@@ -25,35 +32,11 @@ class FallbackState(eqx.Module):
     fallback: Bool[Array, " batch"]
 
 
-def _as_solver(option: str, spec: Any) -> Solver:
-    """An instance, a registry name, or `{"name": ..., **options}`, as a solver."""
-    if isinstance(spec, Solver):
-        return spec
-    if isinstance(spec, str):
-        return banax.get_solver(spec)
-    if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
-        options = dict(spec)
-        return banax.get_solver(options.pop("name"), **options)
-    if spec is None:
-        raise TypeError(
-            f"Fallback: {option}= is missing; give both solvers, e.g. "
-            "Fallback(primary='picard', secondary='anderson')."
-        )
-    raise TypeError(
-        f"Fallback: {option} must be a banax.Solver instance, a registry name such as "
-        f"'anderson', or a dict {{'name': ..., **options}}; got {spec!r}."
-    )
-
-
-def _where(pred: Bool[Array, " batch"], a: Any, b: Any) -> Any:
-    """Per-sample choice between two pytrees whose arrays have the batch axis first."""
-    return jax.tree.map(
-        lambda x, y: jnp.where(pred.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b
-    )
-
-
-class Fallback(Solver[FallbackState]):
+class Fallback(AbstractSolveCombinator):
     """Run `primary`; solve the samples it failed on again with `secondary`.
+
+    A combinator of two whole solves (a `banax.extend.AbstractSolveCombinator`), not
+    a solver with a step of its own.
 
     A sample fails when the primary leaves it `DIVERGED` or at `MAX_STEPS`. The
     secondary restarts each failed sample from the primary's lowest-residual finite
@@ -93,13 +76,13 @@ class Fallback(Solver[FallbackState]):
         (`"picard"`), or `{"name": "anderson", **options}`. They must differ.
     """
 
-    primary: Solver
-    secondary: Solver
+    primary: AbstractSolver
+    secondary: AbstractSolver
 
     def __init__(
         self,
-        primary: Solver | str | Mapping[str, Any] | None = None,
-        secondary: Solver | str | Mapping[str, Any] | None = None,
+        primary: AbstractSolver | str | Mapping[str, Any] | None = None,
+        secondary: AbstractSolver | str | Mapping[str, Any] | None = None,
         **shared: Any,
     ):
         if shared:
@@ -108,8 +91,15 @@ class Fallback(Solver[FallbackState]):
                 "its shared options are read off the two solvers, so set them there, "
                 "e.g. secondary={'name': 'anderson', 'rtol': 1e-6}."
             )
-        primary = _as_solver("primary", primary)
-        secondary = _as_solver("secondary", secondary)
+        solvers = []
+        for option, spec in (("primary", primary), ("secondary", secondary)):
+            if spec is None:
+                raise TypeError(
+                    f"Fallback: {option}= is missing; give both solvers, e.g. "
+                    "Fallback(primary='picard', secondary='anderson')."
+                )
+            solvers.append(as_solver(spec, owner="Fallback", option=option))
+        primary, secondary = solvers
         if primary == secondary:
             raise ValueError(
                 f"Fallback: primary and secondary are the same solver ({primary!r}); the "
@@ -135,24 +125,14 @@ class Fallback(Solver[FallbackState]):
     def differentiable_step(self) -> bool:
         return self.primary.differentiable_step and self.secondary.differentiable_step
 
-    def init(self, z0: Flat, fz0: Flat) -> FallbackState:
-        raise TypeError(
-            "Fallback is two whole solves and has no single step; run it with "
-            "banax.solve or an adjoint, which call Fallback.run."
-        )
-
-    def step(self, f: Any, z: Flat, fz: Flat, state: FallbackState, trace: Any
-             ) -> tuple[Flat, Flat, FallbackState, Any]:
-        return self.init(z, fz)
-
     def run(
-        self, f: Callable[..., tuple[Flat, Any]], z0: Flat, trace: Any = None,
-        step_budget: Int[Array, ""] | None = None,
+        self, f: Callable[..., tuple[Flat, Any]], z0: Flat, trace: Any,
+        step_budget: Int[Array, ""] | None,
     ) -> FlatSolution:
         if step_budget is not None:
             step_budget = jnp.clip(step_budget, 0, self.max_steps)
         primary = eqx.tree_at(lambda s: s.keep_best, self.primary, True)
-        first = primary.run(f, z0, trace, step_budget)
+        first = solve(primary, f, z0, trace, step_budget)
         redo = first.result != Result.CONVERGED
         budget = None
         if step_budget is not None:
@@ -163,10 +143,10 @@ class Fallback(Solver[FallbackState]):
             # The identity on converged samples: their residual is exactly 0, so the
             # secondary's loop stops them before its first step.
             fz, trace = f(z, trace, **tags)
-            return _where(redo, fz, z), trace
+            return where_per_sample(redo, fz, z), trace
 
         def second_phase() -> FlatSolution:
-            return self.secondary.run(only_failed, first.z, first.trace, budget)
+            return solve(self.secondary, only_failed, first.z, first.trace, budget)
 
         def skip() -> FlatSolution:
             shape = jax.eval_shape(second_phase)
@@ -180,7 +160,7 @@ class Fallback(Solver[FallbackState]):
             )
 
         second = jax.lax.cond(jnp.any(redo), second_phase, skip)
-        z, fz, result, abs_err, rel_err = _where(
+        z, fz, result, abs_err, rel_err = where_per_sample(
             redo,
             (second.z, second.fz, second.result, second.stats.abs_err, second.stats.rel_err),
             (first.z, first.fz, first.result, first.stats.abs_err, first.stats.rel_err),

@@ -2,7 +2,8 @@
 
 from typing import Any
 
-from banax import Solver, TracedFunction
+from banax import Solver
+from banax.extend import TracedFunction
 
 from ._common import Flat
 

@@ -4,7 +4,8 @@ from typing import Any
 
 import equinox as eqx
 
-from banax import Solver, TracedFunction
+from banax import Solver
+from banax.extend import TracedFunction
 
 from ._common import Flat, check_damp, damped
 

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt
 
-from banax import InvertibleStep, Solver, TracedFunction
+from banax import Solver
+from banax.extend import InvertibleStep, TracedFunction
 
 from ._common import Flat, check_bool, check_damp, damped
 

@@ -1,7 +1,8 @@
 """An example third-party banax plugin: the Halpern fixed-point iteration.
 
-Written only against banax's documented extension points (`banax.Solver`,
-`banax.hookimpl`), as a template for plugin authors; see docs/plugins.md.
+Written only against banax's documented extension points (`banax.extend`: the base
+`AbstractIterativeSolver` and `hookimpl`), as a template for plugin authors; see
+docs/plugins.md.
 """
 
 from typing import Any
@@ -10,7 +11,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
-import banax
+from banax.extend import AbstractIterativeSolver, hookimpl
 
 
 class HalpernState(eqx.Module):
@@ -18,7 +19,7 @@ class HalpernState(eqx.Module):
     k: Int[Array, ""]  # shared step counter, so a scalar
 
 
-class Halpern(banax.Solver[HalpernState]):
+class Halpern(AbstractIterativeSolver[HalpernState]):
     """Halpern's anchored iteration.
 
     $z_{k+1} = α_k z_0 + (1 − α_k) f(z_k)$ with $α_k = s / (k + 2)$.
@@ -49,6 +50,6 @@ class Halpern(banax.Solver[HalpernState]):
         return z_next, fz_next, HalpernState(state.anchor, state.k + 1), trace
 
 
-@banax.hookimpl
+@hookimpl
 def banax_solvers() -> dict[str, type]:
     return {"halpern": Halpern}
