@@ -12,5 +12,6 @@ from ._conv import conv2d
 from ._conv_cell import ConvCell
 from ._group_norm import group_norm
 from ._mlp_cell import MLPCell
+from ._transformer import TransformerCell
 
-__all__ = ["AbstractCell", "ConvCell", "MLPCell", "conv2d", "group_norm"]
+__all__ = ["AbstractCell", "ConvCell", "MLPCell", "TransformerCell", "conv2d", "group_norm"]
