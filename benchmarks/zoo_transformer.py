@@ -6,7 +6,7 @@ weight-tied unrolled network with the same cell applications (and the explicit o
 
 The models are `banax demo --task charlm`'s (`banax.cli._charlm.build`), with its
 default solver settings (Anderson, `rtol=1e-2`, `max_steps=8`; the implicit adjoint's
-backward solve the same), or those of the `banax demo` options given in `--demo`. Each model's training step (`banax.cli._training`'s, the one
+backward solve Picard with the same budget), or those of the `banax demo` options given in `--demo`. Each model's training step (`banax.cli._training`'s, the one
 the demo runs) is compiled by its first call, timed as "first step"; then the steps are
 timed interleaved, one call of each model per round on the same batch, and the table
 shows the median and range over the rounds and the ratio to the unrolled model's

@@ -6,7 +6,9 @@ out. Each training step takes random windows of `LENGTH` characters and predicts
 next character. Models (`--model`):
 
 - `deq`: embedding, `banax.DEQ` of one `banax.nn.TransformerCell` (batch mode), linear
-  head; the solver's `max_steps` bounds its cell applications.
+  head; the solver's `max_steps` bounds its cell applications. An adjoint with a
+  backward solve gets Picard with the forward solver's budget unless
+  `--adjoint-option b_solver=...` names one.
 - `unrolled`: the same network with the cell applied `max_steps` times from zero and
   backpropagated (`DEQ(pretrain_steps=K)`): weight-tied, the same cell applications.
 - `explicit`: `max_steps` untied `TransformerCell` layers of the same width, applied
@@ -34,7 +36,7 @@ import numpy as np
 from jaxtyping import Array, Int, PRNGKeyArray
 
 from .._deq import DEQ
-from .._registry import UnknownNameError
+from .._registry import REGISTRY, UnknownNameError
 from .._solution import BackwardStats, Result, Solution, Stats
 from ..nn import TransformerCell
 from . import _training
@@ -51,6 +53,9 @@ _DEFAULTS = {"epochs": 4, "batch_size": 16, "width": 64}
 # A loose tolerance and a cap of 8 cell applications: training needs a good z*, not an
 # exact one, and the cap is also the baselines' depth.
 _SOLVER = {"rtol": 1e-2, "max_steps": 8}
+# The backward solve, unless --adjoint-option b_solver=... says otherwise: Picard with
+# the same budget compiles in a fraction of Anderson's time (docs/zoo/transformer.md).
+_B_SOLVER = {"name": "picard", "batch_axis": 0, **_SOLVER}
 _LN2 = math.log(2.0)
 
 
@@ -258,8 +263,16 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     # The demo's adjoint builder reads its solver defaults per data set; digits has none,
     # and charlm's own come first on the command line so that --solver-option wins.
     options = [*_SOLVER.items(), *args.solver_option]
+    try:
+        takes = {f.name for f in dataclasses.fields(REGISTRY.resolve("adjoint", args.adjoint))}
+    except UnknownNameError:
+        takes = set()  # reported by the adjoint builder
+    adjoint_options = list(args.adjoint_option)
+    if "b_solver" in takes and "b_solver" not in dict(adjoint_options):
+        adjoint_options.insert(0, ("b_solver", _B_SOLVER))
     return argparse.Namespace(**{**vars(args), **filled, "data": "digits",
                                  "solver_option": options,
+                                 "adjoint_option": adjoint_options,
                                  "model": args.model or "deq"})
 
 
@@ -296,11 +309,13 @@ def _train_all(args: argparse.Namespace, adjoint: Any) -> int:
     corpus = load_corpus()
     unigram = corpus.unigram_bits()
     depth = adjoint.solver.max_steps
+    b_solver = getattr(adjoint, "b_solver", None)
     print(f"charlm: pydoc_data.topics, {len(corpus.train):,} training and "
           f"{len(corpus.valid):,} validation characters, {len(corpus.alphabet)} symbols "
           f"(unigram entropy {unigram:.2f} bits); windows of {LENGTH}, width {args.width}, "
           f"{HEADS} heads; solver {type(adjoint.solver).__name__} (max_steps {depth}), "
-          f"adjoint {type(adjoint).__name__}")
+          f"adjoint {type(adjoint).__name__}"
+          + (f" (backward {type(b_solver).__name__})" if b_solver is not None else ""))
     names = MODELS if args.model == "all" else (args.model,)
     runs = []
     for name in names:
