@@ -2,12 +2,13 @@
 weight-tied unrolled network with the same cell applications (and the explicit one).
 
     uv run python benchmarks/zoo_transformer.py [--rounds 20] [--batch 16] [--width 64]
-        [--demo "--adjoint-option b_solver=picard"]
+        [--demo "--adjoint jfb"]
 
 The models are `banax demo --task charlm`'s (`banax.cli._charlm.build`), with its
 default solver settings (Anderson, `rtol=1e-2`, `max_steps=8`; the implicit adjoint's
-backward solve Picard with the same budget), or those of the `banax demo` options given in `--demo`. Each model's training step (`banax.cli._training`'s, the one
-the demo runs) is compiled by its first call, timed as "first step"; then the steps are
+backward solve Picard with the same budget), or those of the `banax demo` options given
+in `--demo`. Each model's training step (`banax.cli._training`'s, the one the demo
+runs) is compiled by its first call, timed as "first step"; then the steps are
 timed interleaved, one call of each model per round on the same batch, and the table
 shows the median and range over the rounds and the ratio to the unrolled model's
 median. Timings on a shared machine vary with its load: report the load beside them.

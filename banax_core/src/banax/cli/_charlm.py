@@ -40,8 +40,7 @@ from .._registry import REGISTRY, UnknownNameError
 from .._solution import BackwardStats, Result, Solution, Stats
 from ..nn import TransformerCell
 from . import _training
-from .demo import _EXTRA, _NEEDS, _PLOT_NEEDS, _build_adjoint, _fail, _missing, \
-    missing_directory
+from .demo import _EXTRA, _NEEDS, _PLOT_NEEDS, _build_adjoint, _fail, _missing, missing_directory
 
 MODELS = ("deq", "unrolled", "explicit")
 LENGTH = 64
@@ -324,7 +323,7 @@ def _train_all(args: argparse.Namespace, adjoint: Any) -> int:
         bar = tqdm(total=args.epochs * STEPS_PER_EPOCH, unit="step", desc=name,
                    file=sys.stderr)
 
-        def report(e: Epoch, name: str = name) -> None:
+        def report(e: Epoch, name: str = name, bar: Any = bar) -> None:
             solve = (f"forward steps {e.f_steps:4.1f} residual {e.f_residual:.2e}  "
                      f"backward steps {e.b_steps:4.1f} residual {e.b_residual:.2e} "
                      f"unconverged {100 * e.b_failed:3.0f}%" if name == "deq" else
