@@ -13,5 +13,9 @@ from ._conv_cell import ConvCell
 from ._graph import Graph, GraphCell
 from ._group_norm import group_norm
 from ._mlp_cell import MLPCell
+from ._transformer import TransformerCell
 
-__all__ = ["AbstractCell", "ConvCell", "Graph", "GraphCell", "MLPCell", "conv2d", "group_norm"]
+__all__ = [
+    "AbstractCell", "ConvCell", "Graph", "GraphCell", "MLPCell", "TransformerCell",
+    "conv2d", "group_norm",
+]
