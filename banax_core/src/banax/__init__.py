@@ -16,6 +16,7 @@ from ._adjoint import (
     solve,
 )
 from ._deq import DEQ
+from ._failures import ForwardSolveWarning, SolveSummary, skip_if, solve_summary, step_failed
 from ._spectral_radius import spectral_radius
 from ._trajectory import evenly_spaced, trajectory, trajectory_loss
 from ._warm_start import FixedPointCache, initial_guess_loss
@@ -89,4 +90,5 @@ __all__ = [
     "trajectory", "trajectory_loss", "trace_last_aux",
     "unregister_plugin", "utils", "working_dtype", "zeros_like",
     "BanaxPrecisionWarning", "reachable_tolerances", "squared_norms", "stats_dtype",
+    "ForwardSolveWarning", "SolveSummary", "skip_if", "solve_summary", "step_failed",
 ]

@@ -13,7 +13,8 @@ import numpy as np
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
 from ._adjoint import Adjoint
-from ._batch_checks import batch_size, check_batch_follows, mixes_samples, shapes_of
+from ._batch_checks import batch_size, check_batch_follows, check_independence, shapes_of
+from ._failures import context, report_forward
 from ._fspec import FSpec, bind
 from ._modes import check_inference_options, check_pretrain_steps, inference_adjoint, unrolled
 from ._layout import as_state
@@ -338,11 +339,11 @@ class DEQ(eqx.Module):
         if axis is not None:
             check_batch_follows(lambda x: bind(self.f_spec(x, key, state)), z0, x, axis)
             if self.check_independence:
-                mixed = mixes_samples(bind(f_spec), z0, axis, jax.random.key(0))
-                z0 = eqx.error_if(z0, mixed, _MIXING)
+                z0 = check_independence(bind(f_spec), z0, axis, "DEQ")
         if self.pretrain_steps is not None:
             solution = unrolled(bind(f_spec), jax.lax.stop_gradient(z0),
                                 self.pretrain_steps, self.solver)
+            solution = report_forward(self.adjoint, solution, context())
         else:
             adjoint = self.adjoint
             if self.inference:
@@ -363,14 +364,6 @@ def _state_dtype(cell: Any, x: PyTree) -> Any:
     """The dtype the cell computes in: that of its and the input's float arrays."""
     dtypes = [a.dtype for a in jax.tree.leaves((cell, x)) if eqx.is_inexact_array(a)]
     return jnp.result_type(*dtypes) if dtypes else jnp.result_type(float)
-
-
-_MIXING = (
-    "DEQ: the cell mixes samples: perturbing sample 0 of the state changed other "
-    "samples of cell(z, x), so batch mode's per-sample residuals and stopping are "
-    "wrong. Remove the coupling (e.g. a batch norm over the batch axis: use a layer "
-    "norm), or drop batch_axis and solve the whole batch as one state."
-)
 
 
 def _key_parameter(cell: Any) -> inspect.Parameter | None | bool:
