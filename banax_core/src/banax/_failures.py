@@ -12,6 +12,7 @@ Python's default filter shows it once per call site; the counts go to
 
 import contextlib
 import dataclasses
+import functools
 import sys
 import warnings
 from collections.abc import Iterator
@@ -215,7 +216,7 @@ def report(direction: str, name: str, on_failure: str, codes: Int[Array, "*batch
     failed = jnp.any(_failed(direction, codes))
     message = f"{name}: {_ADVICE[direction]}"
     if on_failure == "raise" and jax.tree.leaves(outputs):
-        outputs = eqx.error_if(outputs, failed, message)
+        outputs = _raising(outputs, failed, message)
     warn = on_failure == "warn"
     if not (warn or recording):
         return outputs
@@ -243,6 +244,25 @@ def report(direction: str, name: str, on_failure: str, codes: Int[Array, "*batch
     else:
         jax.lax.cond(failed, lambda: jax.debug.callback(callback, counts), lambda: None)
     return outputs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _raising(x: PyTree, failed: Bool[Array, ""], message: str) -> PyTree:
+    """`eqx.error_if(x, failed, message)`, on the cotangent of `x` too: when only
+    the gradient of a computation is kept, its value (and a check on it alone) is
+    dead code that the compiler removes."""
+    return eqx.error_if(x, failed, message)
+
+
+def _raising_fwd(x: PyTree, failed: Bool[Array, ""], message: str) -> Any:
+    return _raising(x, failed, message), failed
+
+
+def _raising_bwd(message: str, failed: Bool[Array, ""], g: PyTree) -> Any:
+    return eqx.error_if(g, failed, message), None
+
+
+_raising.defvjp(_raising_fwd, _raising_bwd)
 
 
 def report_forward(adjoint: Any, solution: Solution, ctx: Context) -> Solution:
