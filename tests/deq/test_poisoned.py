@@ -96,3 +96,34 @@ def test_on_failure_raise_stops_a_poisoned_step():
     grad = eqx.filter_jit(eqx.filter_grad(lambda deq: jnp.sum(deq(x))))
     with pytest.raises(Exception, match="JFB: the forward solve diverged"):
         jax.block_until_ready(grad(deq))
+
+
+class Classifier(eqx.Module):
+    """The model interface of the demo's training step: `(logits, solution)`."""
+
+    deq: banax.DEQ
+    readout: jax.Array
+
+    def __call__(self, x, backward_probe=None):
+        z, sol = self.deq(x, backward_probe=backward_probe, return_solution=True)
+        return z @ self.readout.T, sol
+
+
+def test_the_demo_step_skips_a_poisoned_update():
+    from banax.cli._training import make_train_step
+
+    deq = banax.DEQ(_cell(), adjoint={"name": "implicit", "solver": PICARD},
+                    state_shape=(N,))
+    model = Classifier(deq, jax.random.normal(jax.random.key(3), (2, N)))
+    optimizer = optax.sgd(1e-1)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step = make_train_step(optimizer)
+    x = jax.random.normal(jax.random.key(1), (BATCH, D))
+    y = jnp.array([0, 1, 0], jnp.int32)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        new, _, metrics = step(model, opt_state, x.at[0, 0].set(jnp.nan), y)
+        jax.effects_barrier()
+    assert metrics["skipped"] == 1.0 and eqx.tree_equal(new, model)
+    new, _, metrics = step(model, opt_state, x, y)
+    assert metrics["skipped"] == 0.0 and not eqx.tree_equal(new, model)
