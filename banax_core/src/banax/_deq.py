@@ -118,7 +118,9 @@ class DEQ(eqx.Module):
         under `eqx.nn.inference_mode(deq)` (torchdeq's `eval_factor`), e.g.
         `{"max_steps": 100, "rtol": 1e-6}`; the other settings are the solver's.
     - `inference`: whether the layer is in inference mode (set by
-        `eqx.nn.inference_mode`, which also turns the cell's dropout off).
+        `eqx.nn.inference_mode`, which also turns the cell's dropout off). A leaf, as
+        is an int `pretrain_steps`: `eqx.tree_serialise_leaves` writes both, and
+        loading restores them from the file (docs/compatibility.md).
     - `pretrain_steps`: `None` to solve for the fixed point; an int `K` to apply the
         cell `K` times from `z0` instead, differentiated by backpropagation (unrolled
         pre-training, as in MDEQ). Switch it on a built model with
@@ -154,7 +156,7 @@ class DEQ(eqx.Module):
     check_independence: bool = eqx.field(static=True)
     inference_settings: tuple[tuple[str, Any], ...] = eqx.field(static=True)
     # Plain fields, so that eqx.nn.inference_mode and eqx.tree_at switch them on a
-    # trained model without touching its parameters.
+    # trained model without touching its parameters; a checkpoint holds them too.
     inference: bool
     pretrain_steps: int | None
 
