@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, PyTree
 
+from ._batch_flow import mixing_primitive
 from ._problem import _describe
 
 
@@ -55,13 +56,19 @@ def check_batch_follows(
     A cell that treats axis `axis` as the batch accepts any batch size and returns the
     new size. If `x` lacks its batch axis, axis `axis` of `x` is a feature axis whose
     size the cell's weights fix, so the larger "batch" fails or changes shape: that is
-    the mistake this catches. It costs a trace at compile time and nothing at run time.
+    the mistake this catches. The same trace is then read for a reduction, a matrix
+    product or a convolution over the batch axis (see `mixing_primitive`): a cell
+    given a layout it reads differently (sequences `(N, L, C)` to a cell of images)
+    runs but mixes samples. It costs a trace at compile time and nothing at run time.
     `cell_on(x)` is the map `z ↦ cell(z, x)`.
     """
     size = batch_size(x, axis)
     bigger = _resized(z0, axis, size + 1)
+    mixing = None
     try:
-        out = jax.eval_shape(lambda z, x: cell_on(x)(z), bigger, _resized(x, axis, size + 1))
+        closed, out = jax.make_jaxpr(lambda z, x: cell_on(x)(z), return_shape=True)(
+            bigger, _resized(x, axis, size + 1))
+        mixing = mixing_primitive(closed, axis)
         follows = jax.tree.structure(out) == jax.tree.structure(bigger) and all(
             o.shape == b.shape for o, b in zip(jax.tree.leaves(out), jax.tree.leaves(bigger))
         )
@@ -74,6 +81,16 @@ def check_batch_follows(
             f"so x {_describe(shapes_of(x))} most likely lacks its batch axis and a feature "
             f"axis was taken as the batch. Give x a batch axis (x[None] for one sample), "
             "or use a solver without batch_axis."
+        )
+    if mixing is not None:
+        raise ValueError(
+            f"DEQ: in batch mode (batch_axis={axis}) the cell mixes samples: {mixing} "
+            f"on x {_describe(shapes_of(x))} and state {_describe(shapes_of(z0))}, so "
+            "each sample's residual and stopping would depend on the others. Give x "
+            "and the state the layout the cell expects with the batch on axis "
+            f"{axis} (e.g. images (N, H, W, C) for a convolutional cell, not "
+            "sequences (N, L, C)), remove the coupling (a batch norm: use a layer "
+            "norm), or use a solver without batch_axis."
         )
 
 
