@@ -111,9 +111,10 @@ class DEQ(eqx.Module):
         by `init="zeros"` unless the cell is a `banax.nn.AbstractCell` (banax's own
         cells are), which says its zero state itself, whatever its structure.
     - `check_independence`: in batch mode, check at every call that the cell keeps
-        samples apart (one JVP at `z0` with a tangent on sample 0 only, about two
-        extra cell evaluations per call; a cell that mixes samples raises at run
-        time). A debugging aid: leave it off in training.
+        samples apart (one JVP at `z0` with a tangent on sample 0 only, or one VJP
+        for a cell with a `jax.custom_vjp`; about two extra cell evaluations per
+        call; a cell that mixes samples raises at run time). A debugging aid: leave
+        it off in training.
     - `inference_settings`: the forward solve's `max_steps`, `rtol` and/or `atol`
         under `eqx.nn.inference_mode(deq)` (torchdeq's `eval_factor`), e.g.
         `{"max_steps": 100, "rtol": 1e-6}`; the other settings are the solver's.
@@ -137,9 +138,11 @@ class DEQ(eqx.Module):
     Batch mode is sound only if axis `b` of `x` indexes samples and the cell treats
     them independently. The first is checked at trace time, for free: the cell is
     traced once more with one more sample, which an `x` without its batch axis (its
-    feature axis taken as the batch) fails. The second cannot be seen from shapes: a
-    cell that mixes samples (a batch norm, a mean over the batch) makes per-sample
-    residuals and stopping wrong, silently; `check_independence=True` detects it.
+    feature axis taken as the batch) fails. The same trace is read for a reduction, a
+    matrix product or a convolution over the batch axis (a mean over the batch;
+    sequences `(N, L, C)` given to a cell of images), which is refused at the call.
+    Other couplings cannot be seen at trace time and make per-sample residuals and
+    stopping wrong, silently; `check_independence=True` detects them.
     An empty batch is an error.
 
     A DEQ is a poor choice when the cell is far from contractive: the solve then needs
