@@ -108,7 +108,7 @@ def test_backward_probe_and_budget_reach_the_adjoint():
         return jax.grad(loss)(banax.BackwardStats.probe(batch_size=BATCH))
 
     full = backward_stats(None)
-    with pytest.warns(banax.BackwardSolveWarning, match=f"MAX_STEPS: {BATCH}"):
+    with pytest.warns(banax.BackwardSolveWarning, match="did not converge"):
         capped = backward_stats(jnp.asarray(3))
     assert bool(jnp.all(full.result_codes() == banax.Result.CONVERGED))
     assert bool(jnp.all(full.steps > 3))

@@ -15,6 +15,7 @@ from typing import Any as _Any
 from . import adjoint, extend, hookspecs, internal, nn, regularization, solver, utils
 from ._adjoint import Adjoint, BackwardSolveWarning, PairingError
 from ._deq import DEQ
+from ._failures import ForwardSolveWarning, SolveSummary, skip_if, solve_summary, step_failed
 from ._fspec import FSpec
 from ._numerics import BanaxPrecisionWarning, reachable_tolerances
 from ._registry import (
@@ -63,6 +64,9 @@ __all__ = [
     # Errors and warnings.
     "PairingError", "BackwardSolveWarning", "BanaxPrecisionWarning", "BanaxPluginWarning",
     "PluginError", "PluginConflictError", "UnknownNameError", "reachable_tolerances",
+    "ForwardSolveWarning",
+    # Failed solves in training.
+    "step_failed", "skip_if", "solve_summary", "SolveSummary",
     # The toolkit.
     "utils", "trace_count", "trace_history", "trace_last", "trace_last_aux", "zeros_like",
     "half_normal_like", "spectral_radius", "trajectory", "trajectory_loss",

@@ -5,26 +5,33 @@ custom-VJP mechanism that reports how a backward solve ended."""
 
 import abc
 import dataclasses
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Int
 
+from ._batch_checks import check_independence as checked_independent
+from ._failures import (
+    ON_FAILURE,
+    BackwardSolveWarning,
+    Context,
+    context,
+    current,
+    report,
+    report_forward,
+    tracing,
+)
 from ._fspec import FSpec
 from ._layout import FlatState
 from ._loop import solve
 from ._numerics import check_step_budget
 from ._options import check_choice, check_options, normalise_options
 from ._problem import Problem, make_problem, to_solution
-from ._solution import BackwardStats, FlatSolution, Result, Solution, summary_of_counts
+from ._solution import BackwardStats, FlatSolution, Solution
 from ._solver import AbstractSolver
-
-ON_FAILURE = ("raise", "warn", "ignore")
 
 
 class PairingError(TypeError, ValueError):
@@ -35,11 +42,6 @@ class PairingError(TypeError, ValueError):
     Raised at construction. A `TypeError` (as banax 0.1.5 raises it) and a
     `ValueError`, so either `except` catches it.
     """
-
-
-class BackwardSolveWarning(UserWarning):
-    """A backward solve ended without converging (`on_failure="warn"`): the gradient of
-    that step is unreliable."""
 
 
 class AbstractAdjoint(eqx.Module):
@@ -60,6 +62,26 @@ class AbstractAdjoint(eqx.Module):
 
     The seed's name for this class is `banax.adjoint.Adjoint` (also `banax.Adjoint`).
 
+    In batch mode, `check_independence=True` checks at the call that `f` keeps samples
+    apart, as `banax.DEQ(..., check_independence=True)` does (a debugging aid: about
+    two extra evaluations of `f`; a run-time error if `f` mixes samples).
+
+    `on_failure` (keyword, every adjoint) says what a failed solve does, forward or
+    backward alike. A forward solve fails when a sample DIVERGED (a NaN or infinite
+    residual; its value is then the last finite iterate); MAX_STEPS is a budgeted
+    outcome, flagged in `Solution.result` and never reported. A backward solve fails
+    when a sample did not converge. Then:
+
+    - `"warn"` (the default): a `banax.ForwardSolveWarning` or
+        `banax.BackwardSolveWarning` from inside `jit` (a host callback, only when a
+        solve failed), once per call site under Python's default filter; the outputs
+        are used as they are;
+    - `"raise"`: an error from inside `jit` (`eqx.error_if`, as Optimistix's
+        `throw=True`); nothing is returned;
+    - `"ignore"`: nothing; read `Solution.result` and the probe yourself.
+
+    `banax.solve_summary()` counts the outcomes over a run.
+
     **Writing an adjoint.** Subclass, declare `solver: Solver` (and any options) as
     fields, and implement `solve(problem) -> FlatSolution`. Use
     `banax.extend.solve(solver, problem)` for the forward pass; wrap it in your
@@ -72,8 +94,10 @@ class AbstractAdjoint(eqx.Module):
     """
 
     solver: eqx.AbstractVar[AbstractSolver]
+    on_failure: str = eqx.field(default="warn", kw_only=True)
 
     def __check_init__(self) -> None:
+        check_choice(self, "on_failure", self.on_failure, ON_FAILURE)
         # After the subclasses' checks: NumPy-scalar options become Python scalars,
         # static under jit (see `banax.extend.normalise_options`).
         normalise_options(self)
@@ -95,12 +119,15 @@ class AbstractAdjoint(eqx.Module):
         *,
         backward_probe: BackwardStats | None = None,
         backward_budget: Int[Array, ""] | None = None,
+        check_independence: bool = False,
     ) -> Solution:
         check_options(self)  # options edited by eqx.tree_at were never checked
         problem = make_problem(
             f_spec, x0, has_aux=has_aux, trace=trace, step_budget=step_budget,
             batch_axis=self.solver.batch_axis,
         )
+        if check_independence is not False:
+            problem = _independence_checked(self, problem, check_independence)
         budget = check_step_budget(backward_budget, "backward_budget")
         if budget is not None and not self.takes_backward_budget:
             raise TypeError(
@@ -114,11 +141,28 @@ class AbstractAdjoint(eqx.Module):
         problem = dataclasses.replace(
             problem, backward_budget=budget, backward_probe=backward_probe
         )
-        return _solve_and_unflatten(self, problem)
+        ctx = context()
+        return report_forward(self, _solve_and_unflatten(self, problem, ctx), ctx)
 
     @abc.abstractmethod
     def solve(self, problem: Problem) -> FlatSolution:
         """Solve `problem` and attach this adjoint's gradient rule to `FlatSolution.z`."""
+
+
+def _independence_checked(adjoint: AbstractAdjoint, problem: Problem, flag: Any) -> Problem:
+    """The problem with its start checked for sample mixing (`check_independence`)."""
+    name = type(adjoint).__name__
+    if flag is not True:
+        raise TypeError(f"{name}: check_independence must be True or False, got {flag!r}.")
+    if not problem.batched:
+        raise ValueError(
+            f"{name}: check_independence=True checks the samples of a batch, but the "
+            "solver has no batch_axis; set batch_axis on the solver, or drop "
+            "check_independence."
+        )
+    # The flat state holds one sample per row, whatever the batch axis of x0.
+    z0 = checked_independent(problem.f.evaluate, problem.z0, 0, name)
+    return dataclasses.replace(problem, z0=z0)
 
 
 def _check_probe(probe: Any, problem: Problem) -> None:
@@ -142,8 +186,9 @@ def _check_probe(probe: Any, problem: Problem) -> None:
 
 
 @eqx.filter_jit
-def _solve_and_unflatten(adjoint: AbstractAdjoint, problem: Problem) -> Solution:
-    return to_solution(problem, adjoint.solve(problem))
+def _solve_and_unflatten(adjoint: AbstractAdjoint, problem: Problem, ctx: Context) -> Solution:
+    with tracing(ctx):
+        return to_solution(problem, adjoint.solve(problem))
 
 
 class AbstractBackwardRuleAdjoint(AbstractAdjoint):
@@ -156,19 +201,8 @@ class AbstractBackwardRuleAdjoint(AbstractAdjoint):
     and optionally a report of its backward solve.
 
     The report is what the call's `backward_probe` receives, and what `on_failure`
-    acts on when a sample's backward solve did not converge:
-
-    - `"warn"` (the default): a `banax.BackwardSolveWarning` from inside `jit` (a host
-        callback, only when a solve failed), and the gradient is used as it is;
-    - `"raise"`: an error from inside `jit` (`eqx.error_if`), as Optimistix's
-        `throw=True`; nothing is returned;
-    - `"ignore"`: nothing; read the probe yourself.
+    (see `banax.Adjoint`) acts on when a sample's backward solve did not converge.
     """
-
-    on_failure: str = eqx.field(default="warn", kw_only=True)
-
-    def __check_init__(self) -> None:
-        check_choice(self, "on_failure", self.on_failure, ON_FAILURE)
 
     @abc.abstractmethod
     def backward(
@@ -186,70 +220,33 @@ class AbstractBackwardRuleAdjoint(AbstractAdjoint):
         """
 
     def solve(self, problem: Problem) -> FlatSolution:
-        return _solve_with_rule(problem, self)
+        return _solve_with_rule(problem, self, current())
 
 
 def _enforce(
-    adjoint: AbstractBackwardRuleAdjoint, report: BackwardStats, outputs: Any
+    adjoint: AbstractBackwardRuleAdjoint, stats: BackwardStats, outputs: Any, ctx: Context
 ) -> Any:
-    """Apply `adjoint.on_failure` to a backward solve's `report`."""
-    codes = report.result_codes()
-    failed = jnp.any(codes != Result.CONVERGED)
-    name = type(adjoint).__name__
-    if adjoint.on_failure == "raise":
-        if not jax.tree.leaves(outputs):
-            return outputs
-        return eqx.error_if(
-            outputs, failed,
-            f"{name}: the backward solve did not converge, so this gradient is not "
-            "trustworthy. Give the backward solver more steps (b_solver max_steps, or "
-            "a larger backward_budget), use a Krylov b_solver (lineax.GMRES), or check "
-            "that f is a contraction at the fixed point (the backward system has the "
-            "spectrum of its Jacobian). Pass on_failure='warn' or 'ignore' to continue "
-            "anyway, and a backward_probe to see the steps and residuals.",
-        )
-    if adjoint.on_failure == "warn":
-        # The host gets the count of each code, not the codes: a batch sharded over
-        # devices would otherwise be gathered onto one device for the callback.
-        counts = jnp.stack([jnp.sum(codes == code) for code in Result])
-
-        def warn(counts: Any) -> None:
-            # Under vmap the cond runs both branches and the counts gain batch axes:
-            # add them up and look again.
-            counts = np.asarray(counts).reshape(-1, len(Result)).sum(0)
-            if counts.sum() == counts[Result.CONVERGED]:
-                return
-            summary = summary_of_counts(counts)
-            warnings.warn(
-                f"{name}: the backward solve did not converge ({summary}); "
-                "the gradient of this step is unreliable. Give the backward solver more "
-                "steps, use a Krylov b_solver (lineax.GMRES), or pass "
-                "on_failure='raise' to stop here; a backward_probe reports the steps and "
-                "residuals.",
-                BackwardSolveWarning,
-                stacklevel=1,
-            )
-
-        jax.lax.cond(failed, lambda: jax.debug.callback(warn, counts), lambda: None)
-    return outputs
+    """Apply `adjoint.on_failure` to a backward solve's `stats`."""
+    return report("backward", type(adjoint).__name__, adjoint.on_failure,
+                  stats.result_codes(), outputs, ctx)
 
 
 @eqx.filter_custom_vjp
 def _solve_with_rule(
-    problem: Problem, adjoint: AbstractBackwardRuleAdjoint
+    problem: Problem, adjoint: AbstractBackwardRuleAdjoint, ctx: Context
 ) -> FlatSolution:
     return solve(adjoint.solver, problem)
 
 
 @_solve_with_rule.def_fwd
-def _solve_with_rule_fwd(perturbed, problem, adjoint):
-    del perturbed
+def _solve_with_rule_fwd(perturbed, problem, adjoint, ctx):
+    del perturbed, ctx
     forward = solve(adjoint.solver, problem)
     return forward, forward
 
 
 @_solve_with_rule.def_bwd
-def _solve_with_rule_bwd(forward, grad_obj, perturbed, problem, adjoint):
+def _solve_with_rule_bwd(forward, grad_obj, perturbed, problem, adjoint, ctx):
     cotangent = eqx.filter(problem, lambda _: False)
     g = grad_obj.z
     if g is None:
@@ -266,7 +263,7 @@ def _solve_with_rule_bwd(forward, grad_obj, perturbed, problem, adjoint):
     stats = None
     if report:
         (stats,) = report
-        p_bar, z0_bar, stats = _enforce(adjoint, stats, (p_bar, z0_bar, stats))
+        p_bar, z0_bar, stats = _enforce(adjoint, stats, (p_bar, z0_bar, stats), ctx)
     probe = problem.backward_probe
     if probe is not None and any(jax.tree.leaves(perturbed.backward_probe)):
         if stats is None:

@@ -10,10 +10,12 @@ is checked for free at trace time, the second on request at the cost of one JVP.
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, PyTree
 
+from ._batch_flow import mixing_primitive
 from ._layout import common_batch_size
 from ._pytrees import describe as _describe
 
@@ -41,13 +43,19 @@ def check_batch_follows(
     A cell that treats axis `axis` as the batch accepts any batch size and returns the
     new size. If `x` lacks its batch axis, axis `axis` of `x` is a feature axis whose
     size the cell's weights fix, so the larger "batch" fails or changes shape: that is
-    the mistake this catches. It costs a trace at compile time and nothing at run time.
+    the mistake this catches. The same trace is then read for a reduction, a matrix
+    product or a convolution over the batch axis (see `mixing_primitive`): a cell
+    given a layout it reads differently (sequences `(N, L, C)` to a cell of images)
+    runs but mixes samples. It costs a trace at compile time and nothing at run time.
     `cell_on(x)` is the map `z ↦ cell(z, x)`.
     """
     size = batch_size(x, axis)
     bigger = _resized(z0, axis, size + 1)
+    mixing = None
     try:
-        out = jax.eval_shape(lambda z, x: cell_on(x)(z), bigger, _resized(x, axis, size + 1))
+        closed, out = jax.make_jaxpr(lambda z, x: cell_on(x)(z), return_shape=True)(
+            bigger, _resized(x, axis, size + 1))
+        mixing = mixing_primitive(closed, axis)
         follows = jax.tree.structure(out) == jax.tree.structure(bigger) and all(
             o.shape == b.shape for o, b in zip(jax.tree.leaves(out), jax.tree.leaves(bigger))
         )
@@ -61,27 +69,78 @@ def check_batch_follows(
             f"axis was taken as the batch. Give x a batch axis (x[None] for one sample), "
             "or use a solver without batch_axis."
         )
+    if mixing is not None:
+        raise ValueError(
+            f"DEQ: in batch mode (batch_axis={axis}) the cell mixes samples: {mixing} "
+            f"on x {_describe(shapes_of(x))} and state {_describe(shapes_of(z0))}, so "
+            "each sample's residual and stopping would depend on the others. Give x "
+            "and the state the layout the cell expects with the batch on axis "
+            f"{axis} (e.g. images (N, H, W, C) for a convolutional cell, not "
+            "sequences (N, L, C)), remove the coupling (a batch norm: use a layer "
+            "norm), or use a solver without batch_axis."
+        )
 
 
 def mixes_samples(fn: Callable[[PyTree], PyTree], z: PyTree, axis: int,
                   key: Array) -> Bool[Array, ""]:
-    """Whether `fn` lets sample 0 of `z` influence another sample of its output.
+    """Whether `fn` couples sample 0 of `z` with another sample of its output.
 
-    One JVP with a random tangent on sample 0 only: for a per-sample `fn` the tangent
-    of every other sample is exactly zero. Costs about two evaluations of `fn`.
+    For a per-sample `fn` the Jacobian is block diagonal. One JVP with a random
+    tangent on sample 0 only must leave every other output sample's tangent exactly
+    zero; where `fn` forbids forward mode (a `jax.custom_vjp` inside, as in the
+    `banax.nn` cells), one VJP with a random cotangent on output sample 0 only must
+    leave every other input sample's cotangent zero. Costs about two evaluations of
+    `fn`.
     """
+    if _calls_custom_vjp(jax.make_jaxpr(fn)(z).jaxpr):
+        out, vjp = jax.vjp(fn, z)
+        (spread,) = vjp(_on_sample_0(out, key, axis))
+    else:
+        _, spread = jax.jvp(fn, (z,), (_on_sample_0(z, key, axis),))
+    leaked = [jnp.any(jnp.moveaxis(t, axis, 0)[1:] != 0) for t in jax.tree.leaves(spread)]
+    return jnp.any(jnp.stack(leaked))
 
-    def tangent(leaf: Array, k: Array) -> Array:
-        moved = jnp.moveaxis(jnp.zeros_like(leaf), axis, 0)
-        moved = moved.at[0].set(jax.random.normal(k, moved.shape[1:], leaf.dtype))
+
+def check_independence(fn: Callable[[PyTree], PyTree], z: PyTree, axis: int, owner: str
+                       ) -> PyTree:
+    """`z`, with an error at run time (`eqx.error_if`) if `fn` mixes samples (see
+    `mixes_samples`); `owner` names the caller in the message."""
+    mixed = mixes_samples(fn, z, axis, jax.random.key(0))
+    return eqx.error_if(z, mixed, (
+        f"{owner}: the cell mixes samples: sample 0 of the state and the other samples "
+        f"of its output depend on each other (batch_axis={axis}), so batch mode's "
+        "per-sample residuals and stopping are wrong. Remove the coupling (e.g. a batch "
+        "norm over the batch axis: use a layer norm; an input whose batch axis a "
+        "convolution reads as a spatial one: give it the layout the cell expects), or "
+        "drop batch_axis and solve the whole batch as one state."
+    ))
+
+
+def _on_sample_0(tree: PyTree, key: Array, axis: int) -> PyTree:
+    """Zeros like `tree` but for standard normal entries in sample 0."""
+
+    def leaf(a: Array, k: Array) -> Array:
+        moved = jnp.moveaxis(jnp.zeros_like(a), axis, 0)
+        moved = moved.at[0].set(jax.random.normal(k, moved.shape[1:], a.dtype))
         return jnp.moveaxis(moved, 0, axis)
 
-    leaves, treedef = jax.tree.flatten(z)
+    leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
-    tangents = jax.tree.unflatten(treedef, [tangent(a, k) for a, k in zip(leaves, keys)])
-    _, out = jax.jvp(fn, (z,), (tangents,))
-    leaked = [jnp.any(jnp.moveaxis(t, axis, 0)[1:] != 0) for t in jax.tree.leaves(out)]
-    return jnp.any(jnp.stack(leaked))
+    return jax.tree.unflatten(treedef, [leaf(a, k) for a, k in zip(leaves, keys)])
+
+
+def _calls_custom_vjp(jaxpr: Any) -> bool:
+    """Whether a jaxpr calls a `jax.custom_vjp` function, which forbids `jax.jvp` (JAX
+    refuses such a JVP only when lowering it, too late to choose another mode)."""
+    for eqn in jaxpr.eqns:
+        if "custom_vjp" in eqn.primitive.name:
+            return True
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns") and _calls_custom_vjp(inner):
+                    return True
+    return False
 
 
 def shapes_of(tree: PyTree) -> PyTree:

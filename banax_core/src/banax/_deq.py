@@ -13,7 +13,8 @@ import numpy as np
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
 from ._adjoint import Adjoint
-from ._batch_checks import batch_size, check_batch_follows, mixes_samples, shapes_of
+from ._batch_checks import batch_size, check_batch_follows, check_independence, shapes_of
+from ._failures import context, report_forward
 from ._fspec import FSpec, bind
 from ._modes import check_inference_options, check_pretrain_steps, inference_adjoint, unrolled
 from ._layout import as_state
@@ -99,14 +100,17 @@ class DEQ(eqx.Module):
         by `init="zeros"` unless the cell is a `banax.nn.AbstractCell` (banax's own
         cells are), which says its zero state itself, whatever its structure.
     - `check_independence`: in batch mode, check at every call that the cell keeps
-        samples apart (one JVP at `z0` with a tangent on sample 0 only, about two
-        extra cell evaluations per call; a cell that mixes samples raises at run
-        time). A debugging aid: leave it off in training.
+        samples apart (one JVP at `z0` with a tangent on sample 0 only, or one VJP
+        for a cell with a `jax.custom_vjp`; about two extra cell evaluations per
+        call; a cell that mixes samples raises at run time). A debugging aid: leave
+        it off in training.
     - `inference_settings`: the forward solve's `max_steps`, `rtol` and/or `atol`
         under `eqx.nn.inference_mode(deq)` (torchdeq's `eval_factor`), e.g.
         `{"max_steps": 100, "rtol": 1e-6}`; the other settings are the solver's.
     - `inference`: whether the layer is in inference mode (set by
-        `eqx.nn.inference_mode`, which also turns the cell's dropout off).
+        `eqx.nn.inference_mode`, which also turns the cell's dropout off). A leaf, as
+        is an int `pretrain_steps`: `eqx.tree_serialise_leaves` writes both, and
+        loading restores them from the file (docs/compatibility.md).
     - `pretrain_steps`: `None` to solve for the fixed point; an int `K` to apply the
         cell `K` times from `z0` instead, differentiated by backpropagation (unrolled
         pre-training, as in MDEQ). Switch it on a built model with
@@ -123,9 +127,11 @@ class DEQ(eqx.Module):
     Batch mode is sound only if axis `b` of `x` indexes samples and the cell treats
     them independently. The first is checked at trace time, for free: the cell is
     traced once more with one more sample, which an `x` without its batch axis (its
-    feature axis taken as the batch) fails. The second cannot be seen from shapes: a
-    cell that mixes samples (a batch norm, a mean over the batch) makes per-sample
-    residuals and stopping wrong, silently; `check_independence=True` detects it.
+    feature axis taken as the batch) fails. The same trace is read for a reduction, a
+    matrix product or a convolution over the batch axis (a mean over the batch;
+    sequences `(N, L, C)` given to a cell of images), which is refused at the call.
+    Other couplings cannot be seen at trace time and make per-sample residuals and
+    stopping wrong, silently; `check_independence=True` detects them.
     An empty batch is an error.
 
     A DEQ is a poor choice when the cell is far from contractive: the solve then needs
@@ -142,7 +148,7 @@ class DEQ(eqx.Module):
     check_independence: bool = eqx.field(static=True)
     inference_settings: tuple[tuple[str, Any], ...] = eqx.field(static=True)
     # Plain fields, so that eqx.nn.inference_mode and eqx.tree_at switch them on a
-    # trained model without touching its parameters.
+    # trained model without touching its parameters; a checkpoint holds them too.
     inference: bool
     pretrain_steps: int | None
 
@@ -327,11 +333,11 @@ class DEQ(eqx.Module):
         if axis is not None:
             check_batch_follows(lambda x: bind(self.f_spec(x, key, state)), z0, x, axis)
             if self.check_independence:
-                mixed = mixes_samples(bind(f_spec), z0, axis, jax.random.key(0))
-                z0 = eqx.error_if(z0, mixed, _MIXING)
+                z0 = check_independence(bind(f_spec), z0, axis, "DEQ")
         if self.pretrain_steps is not None:
             solution = unrolled(bind(f_spec), jax.lax.stop_gradient(z0),
                                 self.pretrain_steps, self.solver)
+            solution = report_forward(self.adjoint, solution, context())
         else:
             adjoint = self.adjoint
             if self.inference:
@@ -352,14 +358,6 @@ def _state_dtype(cell: Any, x: PyTree) -> Any:
     """The dtype the cell computes in: that of its and the input's float arrays."""
     dtypes = [a.dtype for a in jax.tree.leaves((cell, x)) if eqx.is_inexact_array(a)]
     return jnp.result_type(*dtypes) if dtypes else jnp.result_type(float)
-
-
-_MIXING = (
-    "DEQ: the cell mixes samples: perturbing sample 0 of the state changed other "
-    "samples of cell(z, x), so batch mode's per-sample residuals and stopping are "
-    "wrong. Remove the coupling (e.g. a batch norm over the batch axis: use a layer "
-    "norm), or drop batch_axis and solve the whole batch as one state."
-)
 
 
 def _key_parameter(cell: Any) -> inspect.Parameter | None | bool:

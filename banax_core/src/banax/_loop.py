@@ -107,25 +107,25 @@ def iterate(
     def advance(c: _Carry) -> _Carry:
         z, fz, state, trace = solver.step(f, c.z, c.fz, c.state, c.trace)
         abs_err, rel_err = residual_norms(z, fz)
+        bad = ~jnp.isfinite(abs_err)
         active = ~c.done
         if gated:
             active = active & (c.k < budget)
-        if per_sample or gated:
-            # `abs_err < 0` never holds (NaN included), but making the mask depend on
-            # the residual orders the freezing after every read of the old iterate, so
-            # that XLA overwrites the carried buffers in place instead of copying them.
-            keep = active & ~(abs_err < 0)
-            z, fz, state, abs_err, rel_err = _freeze(
-                keep, (z, fz, state, abs_err, rel_err),
-                (c.z, c.fz, c.state, c.abs_err, c.rel_err),
-            )
+        # A step whose residual is not finite is not taken: the sample keeps its last
+        # finite iterate (and state) whatever the solver's step computed. The mask
+        # depends on the residual, which also orders the freezing after every read of
+        # the old iterate, so that XLA overwrites the carried buffers in place.
+        keep = active & ~bad
+        z, fz, state, abs_err, rel_err = _freeze(
+            keep, (z, fz, state, abs_err, rel_err),
+            (c.z, c.fz, c.state, c.abs_err, c.rel_err),
+        )
+        # A solver's scalars (a history counter) are shared by all samples: they move
+        # on when some sample took its step.
+        state = _freeze_all(jnp.any(keep), state, c.state, scalars_only=True)
         if gated:
-            # The per-sample arrays are frozen above; a solver's scalars (a history
-            # counter) and the trace are shared by all samples.
-            running = jnp.any(active)
-            state = _freeze_all(running, state, c.state, scalars_only=True)
-            trace = _freeze_all(running, trace, c.trace)
-        bad = ~jnp.isfinite(abs_err)
+            # The trace is shared by all samples too.
+            trace = _freeze_all(jnp.any(active), trace, c.trace)
         best = c.best
         if solver.keep_best:
             better = active & (abs_err < best[2])
@@ -138,7 +138,7 @@ def iterate(
             trace=trace,
             abs_err=abs_err,
             rel_err=rel_err,
-            steps=c.steps + active.astype(jnp.int32) if count_steps else None,
+            steps=c.steps + keep.astype(jnp.int32) if count_steps else None,
             done=c.done | solver.meets_tolerance(abs_err, rel_err) | bad,
             diverged=c.diverged | (active & bad),
             best=best,
@@ -163,7 +163,9 @@ def iterate(
     converged = solver.meets_tolerance(abs_err, rel_err) & ~final.diverged
     steps = final.steps
     if not count_steps:
-        steps = jnp.full((batch,), final.k, jnp.int32)
+        # The loop stops on the step that diverged, which is not taken.
+        taken = final.k - (final.diverged[0] & (final.k > 0)).astype(final.k.dtype)
+        steps = jnp.full((batch,), taken, jnp.int32)
     result = jnp.select(
         [final.diverged, converged], [Result.DIVERGED, Result.CONVERGED], Result.MAX_STEPS
     ).astype(jnp.int32)

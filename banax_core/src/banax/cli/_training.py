@@ -4,7 +4,8 @@ A model here is an `eqx.Module` with a `deq` (a `banax.DEQ` in batch mode on axi
 an `inject(images)` giving the DEQ's input, and `__call__(images, backward_probe)`
 returning `(logits, solution)`. Each step reports the forward solve's statistics from
 its `Solution` and the backward solve's from a `banax.BackwardStats` probe, all inside
-the one compiled step.
+the one compiled step, and skips its update when the batch poisoned it (a diverged
+forward solve or a non-finite loss or gradient: `banax.step_failed`, `banax.skip_if`).
 """
 
 import dataclasses
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from .._failures import skip_if, step_failed
 from .._solution import BackwardStats, Result
 from ..utils import trace_history
 
@@ -45,11 +47,11 @@ def cross_entropy(logits: Float[Array, "*n classes"], labels: Int[Array, "*n"]) 
     return -jnp.mean(jnp.take_along_axis(log_p, labels[..., None], axis=-1))
 
 
-def loss_and_stats(model: Any, probe: BackwardStats, x: Array, y: Array) -> Any:
-    """The loss and the forward solve's `Stats`; differentiate with respect to
+def loss_and_solution(model: Any, probe: BackwardStats, x: Array, y: Array) -> Any:
+    """The loss and the forward solve's `Solution`; differentiate with respect to
     `probe` too to receive the backward solve's `BackwardStats`."""
     logits, solution = model(x, backward_probe=probe)
-    return cross_entropy(logits, y), solution.stats
+    return cross_entropy(logits, y), solution
 
 
 def make_train_step(optimizer: Any) -> Callable[..., Any]:
@@ -57,18 +59,25 @@ def make_train_step(optimizer: Any) -> Callable[..., Any]:
 
     `metrics`: the batch loss; the batch means of the forward solve's steps and
     residual `‖f(z) − z‖` and of the backward solve's; and the fraction of samples
-    whose backward solve did not converge.
+    whose backward solve did not converge; and whether the update was skipped
+    (1.0) because the step failed.
     """
 
     @eqx.filter_jit
     def step(model, opt_state, x, y):
         probe = BackwardStats.probe(batch_size=x.shape[0])
         grad_fn = eqx.filter_value_and_grad(
-            lambda mp: loss_and_stats(mp[0], mp[1], x, y), has_aux=True
+            lambda mp: loss_and_solution(mp[0], mp[1], x, y), has_aux=True
         )
-        (loss, stats), (grads, backward) = grad_fn((model, probe))
+        (loss, solution), (grads, backward) = grad_fn((model, probe))
+        stats = solution.stats
         params = eqx.filter(model, eqx.is_inexact_array)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        # A poisoned batch must not reach the parameters (nor Adam's moments).
+        failed = step_failed(solution, loss, grads)
+        model, opt_state = skip_if(
+            failed, (eqx.apply_updates(model, updates), new_opt_state), (model, opt_state)
+        )
         metrics = {
             "loss": loss.astype(jnp.float32),
             "f_steps": jnp.mean(stats.steps.astype(jnp.float32)),
@@ -78,8 +87,9 @@ def make_train_step(optimizer: Any) -> Callable[..., Any]:
             "b_failed": jnp.mean(
                 (backward.result_codes() != Result.CONVERGED).astype(jnp.float32)
             ),
+            "skipped": failed.astype(jnp.float32),
         }
-        return eqx.apply_updates(model, updates), opt_state, metrics
+        return model, opt_state, metrics
 
     return step
 
@@ -102,8 +112,9 @@ def accuracy(model: Any, x: np.ndarray, y: np.ndarray, batch: int = 500) -> floa
 
 @dataclasses.dataclass(frozen=True)
 class Epoch:
-    """One epoch's means over its steps, the test accuracy after it, and the seconds
-    spent training so far, wall clock and process CPU (evaluation excluded)."""
+    """One epoch's means over its steps, the test accuracy after it, the seconds
+    spent training so far, wall clock and process CPU (evaluation excluded), and the
+    share of steps whose update was skipped because the step failed."""
 
     epoch: int
     loss: float
@@ -115,6 +126,7 @@ class Epoch:
     test_accuracy: float
     wall_s: float
     cpu_s: float
+    skipped: float = 0.0
 
 
 def _batches(data: Data, batch: int, rng: np.random.Generator,
