@@ -105,6 +105,16 @@ class Reversible(AbstractBackwardRuleAdjoint):
     mode: str = eqx.field(default="exact", kw_only=True)
     checkpoints: int = eqx.field(default=16, kw_only=True)
 
+    backward_failure_advice = (
+        "the backward pass could not rebuild the forward steps for some samples (the "
+        "replay of mode='flat' ended away from z*, or the forward solve itself "
+        "diverged); the gradient of this step is unreliable. Make f reproducible between "
+        "the forward and backward passes (the same dropout key, no state that changes "
+        "between calls, the same matmul precision), or use mode='exact' or BPTT with "
+        "checkpoints; pass on_failure='raise' to stop here. A backward_probe reports the "
+        "replay's distance from z* in abs_err and rel_err."
+    )
+
     def __check_init__(self) -> None:
         check_solver("Reversible", "solver", self.solver)
         if not isinstance(self.solver, InvertibleStep):

@@ -6,7 +6,7 @@ custom-VJP mechanism that reports how a backward solve ended."""
 import abc
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -202,7 +202,12 @@ class AbstractBackwardRuleAdjoint(AbstractAdjoint):
 
     The report is what the call's `backward_probe` receives, and what `on_failure`
     (see `banax.Adjoint`) acts on when a sample's backward solve did not converge.
+    A subclass whose backward pass fails for reasons of its own (not a linear solve
+    short of steps) says what to do about it in `backward_failure_advice`, which then
+    replaces the generic advice of the warning or error.
     """
+
+    backward_failure_advice: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def backward(
@@ -228,7 +233,7 @@ def _enforce(
 ) -> Any:
     """Apply `adjoint.on_failure` to a backward solve's `stats`."""
     return report("backward", type(adjoint).__name__, adjoint.on_failure,
-                  stats.result_codes(), outputs, ctx)
+                  stats.result_codes(), outputs, ctx, adjoint.backward_failure_advice)
 
 
 @eqx.filter_custom_vjp

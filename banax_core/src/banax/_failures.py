@@ -209,12 +209,13 @@ def _failed(direction: str, codes: Int[Array, "*batch"]) -> Bool[Array, "*batch"
 
 
 def report(direction: str, name: str, on_failure: str, codes: Int[Array, "*batch"],
-           outputs: Any, ctx: Context) -> Any:
+           outputs: Any, ctx: Context, advice: str | None = None) -> Any:
     """Apply `on_failure` to the result codes of a solve and return `outputs` (routed
-    through `eqx.error_if` for `"raise"`)."""
+    through `eqx.error_if` for `"raise"`). `advice` replaces the generic text of the
+    message, for an adjoint whose failures have a cause of their own."""
     site, recording = ctx.site, ctx.recording
     failed = jnp.any(_failed(direction, codes))
-    message = f"{name}: {_ADVICE[direction]}"
+    message = f"{name}: {advice or _ADVICE[direction]}"
     if on_failure == "raise" and jax.tree.leaves(outputs):
         outputs = _raising(outputs, failed, message)
     warn = on_failure == "warn"
