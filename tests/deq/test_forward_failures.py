@@ -64,7 +64,7 @@ def _hand_run(solver, f, z0, cs):
     batch = z0.shape[0]
     z, fz = z0, f(z0, cs)
     state = solver.init(z, fz)
-    abs_err, rel_err = banax.residual_norms(z, fz)
+    abs_err, rel_err = banax.extend.residual_norms(z, fz)
     results = [Result.DIVERGED if not np.isfinite(e) else None for e in abs_err]
     steps = np.zeros(batch, int)
     for _ in range(solver.max_steps):
@@ -73,7 +73,7 @@ def _hand_run(solver, f, z0, cs):
         if all(r is not None for r in results):
             break
         z1, fz1, state1 = step(z, fz, state, cs)
-        abs1, rel1 = banax.residual_norms(z1, fz1)
+        abs1, rel1 = banax.extend.residual_norms(z1, fz1)
         take = np.array([r is None and np.isfinite(e) for r, e in zip(results, abs1)])
         results = [Result.DIVERGED if r is None and not t else r
                    for r, t in zip(results, take)]
@@ -93,7 +93,7 @@ def _hand_run(solver, f, z0, cs):
 def _check_agrees(sol, fn):
     """The returned iterate is finite, and its residuals are the ones reported."""
     assert jnp.isfinite(sol.z).all()
-    abs_err, rel_err = banax.residual_norms(sol.z, fn(sol.z))
+    abs_err, rel_err = banax.extend.residual_norms(sol.z, fn(sol.z))
     np.testing.assert_allclose(sol.stats.abs_err, abs_err, rtol=1e-3)
     np.testing.assert_allclose(sol.stats.rel_err, rel_err, rtol=1e-3)
 
@@ -103,7 +103,7 @@ def _check_agrees(sol, fn):
 def test_diverged_is_the_last_finite_iterate(name, dtype):
     solver, f = _solver(name), _map(dtype)
     cs = (SCALES[:, None] * C[None, :]).astype(dtype)
-    solve = jax.jit(lambda cs: banax.solve_flat(
+    solve = jax.jit(lambda cs: banax.extend.solve_flat(
         solver, lambda z: f(z, cs), jnp.zeros(cs.shape, dtype)))
     # In batch mode (one sample converges, two diverge at different steps), and alone
     # (outside batch mode the loop takes another path).
@@ -130,7 +130,7 @@ def test_fallback_and_keep_best_return_finite_iterates(keep_best):
     solver = banax.get_solver(
         "fallback", primary={"name": "picard", "max_steps": 30},
         secondary={"name": "anderson", "max_steps": 60, "keep_best": keep_best})
-    sol = banax.solve_flat(solver, lambda z: f(z, cs), jnp.zeros((3, N), jnp.float32))
+    sol = banax.extend.solve_flat(solver, lambda z: f(z, cs), jnp.zeros((3, N), jnp.float32))
     assert list(sol.result) == [Result.DIVERGED, Result.CONVERGED, Result.DIVERGED]
     _check_agrees(sol, lambda z: f(z, cs))
 
@@ -139,7 +139,7 @@ def test_bfloat16_diverged_is_finite():
     f = _map(jnp.bfloat16)
     cs = C[None, :].astype(jnp.bfloat16)
     solver = banax.get_solver("anderson", rtol=1e-2, max_steps=60)  # bfloat16's reach
-    sol = banax.solve_flat(solver, lambda z: f(z, cs),
+    sol = banax.extend.solve_flat(solver, lambda z: f(z, cs),
                            jnp.zeros((1, N), jnp.bfloat16))
     assert sol.result[0] == Result.DIVERGED
     _check_agrees(sol, lambda z: f(z, cs))
