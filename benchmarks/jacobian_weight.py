@@ -8,10 +8,13 @@ adjoint with the same Anderson settings backwards) with the loss
 
 (`banax.regularization.hutchinson_jacobian_frobenius`, one Rademacher probe per step,
 at `z*`), once per `--weights`, from the same initial weights and data order, and
-prints one row per weight: forward steps and the share of forward solves that stopped
+prints one row per weight (and one for the same cell unrolled `--unrolled` times,
+backpropagated, without penalty): forward steps and the share of forward solves that stopped
 at `max_steps` (training, last epoch), backward steps and the share of backward solves
 that did not converge, the same forward figures on the test set, test accuracy, the
 last epoch's median ms per training step and the first step's time (compilation).
+Every row evaluates the penalty, at weight 0 (and unrolled) multiplied by zero, so the
+times compare like with like.
 
     uv run python benchmarks/jacobian_weight.py                       # weights 0, 0.1, 0.5
     uv run python benchmarks/jacobian_weight.py --n-train 4000 --epochs 5   # the demo's size
@@ -67,11 +70,16 @@ def _test_solve(model, images):
             (sol.result != banax.Result.CONVERGED).astype(jnp.float32))
 
 
-def run(weight: float, data, args) -> dict[str, float]:
+def run(weight: float, data, args, unrolled: int = 0) -> dict[str, float]:
     solver = banax.get_solver("anderson", batch_axis=0, rtol=1e-3, max_steps=20)
     adjoint = banax.get_adjoint("implicit", solver=solver, b_solver=solver,
                                 on_failure="ignore")
     model = _mnist.MnistDEQ(adjoint, args.channels, key=jax.random.key(args.seed))
+    if unrolled:
+        # The same model and parameters, the cell applied `unrolled` times from zero
+        # and backpropagated: the weight-tied explicit baseline.
+        model = eqx.tree_at(lambda m: m.deq.pretrain_steps, model, unrolled,
+                            is_leaf=lambda v: v is None)
     per_epoch = len(data.y_train) // args.batch
     optimizer = _training.optimizer(args.epochs * per_epoch)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
@@ -114,6 +122,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unrolled", type=int, default=8,
+                        help="also train the cell unrolled this many times (0: not)")
     args = parser.parse_args()
     data = _mnist.load(args.n_train, args.n_test, seed=args.seed)
     print(f"{args.n_train} training / {args.n_test} test images, {args.channels} channels, "
@@ -122,13 +132,18 @@ def main() -> None:
           "unconverged | ‖J‖²_F/d | test-set steps | test at max_steps | test accuracy "
           "| ms / step | first step (s) |")
     print("|---" * 11 + "|")
-    for weight in (float(w) for w in args.weights.split(",")):
+    for weight in (float(w) for w in args.weights.split(",") if w):
         r = run(weight, data, args)
         print(f"| {weight:g} | {r['f_steps']:.1f} | {100 * r['f_unconv']:.0f} % | "
               f"{r['b_steps']:.1f} | {100 * r['b_unconv']:.0f} % | {r['penalty']:.3f} | "
               f"{r['test_steps']:.1f} | {100 * r['test_unconv']:.0f} % | "
               f"{100 * r['accuracy']:.1f} % | {r['ms_step']:.0f} | {r['first_s']:.1f} |",
               flush=True)
+    if args.unrolled:
+        r = run(0.0, data, args, unrolled=args.unrolled)
+        print(f"| unrolled ×{args.unrolled}, no penalty | {args.unrolled} applications | – | – | – | "
+              f"– | – | – | {100 * r['accuracy']:.1f} % | {r['ms_step']:.0f} | "
+              f"{r['first_s']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
