@@ -180,7 +180,7 @@ def test_conv_cell_bad_construction(kwargs, error, message):
     [((2, 4, 6, 6), (2, 6, 6, 3), r"z must be \(H, W, 4\) or \(N, H, W, 4\), channels "
       r"last; got z of shape \(2, 4, 6, 6\).*z looks channels-first.*moveaxis\(z, -3, -1\)"),
      ((2, 6, 6, 4), (2, 6, 6, 2), r"x must be \(N, H, W, 3\), channels last, like z"),
-     ((2, 6, 6, 4), (2, 5, 6, 3), "x and z must have the same batch and image size"),
+     ((2, 6, 6, 4), (2, 5, 6, 3), "x and z must have the same batch and spatial size"),
      ((6, 4), (6, 3), r"z must be \(H, W, 4\)")],
 )
 def test_conv_cell_image_that_does_not_fit(z_shape, x_shape, message):

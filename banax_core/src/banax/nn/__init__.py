@@ -8,9 +8,9 @@ on; use it in your own cells to keep their gradients fast inside the solver's lo
 """
 
 from ._cell import AbstractCell
-from ._conv import conv2d
+from ._conv import conv1d, conv2d, conv3d
 from ._conv_cell import ConvCell
 from ._group_norm import group_norm
 from ._mlp_cell import MLPCell
 
-__all__ = ["AbstractCell", "ConvCell", "MLPCell", "conv2d", "group_norm"]
+__all__ = ["AbstractCell", "ConvCell", "MLPCell", "conv1d", "conv2d", "conv3d", "group_norm"]
