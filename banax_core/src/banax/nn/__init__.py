@@ -12,5 +12,7 @@ from ._conv import conv1d, conv2d, conv3d
 from ._conv_cell import ConvCell
 from ._group_norm import group_norm
 from ._mlp_cell import MLPCell
+from ._multiscale import MultiscaleCell, MultiscaleHead
 
-__all__ = ["AbstractCell", "ConvCell", "MLPCell", "conv1d", "conv2d", "conv3d", "group_norm"]
+__all__ = ["AbstractCell", "ConvCell", "MLPCell", "MultiscaleCell", "MultiscaleHead",
+           "conv1d", "conv2d", "conv3d", "group_norm"]
