@@ -12,7 +12,8 @@ from jaxtyping import PyTree
 class AbstractCell(eqx.Module):
     """A DEQ cell `z' = cell(z, x)` that knows the shape of its own state.
 
-    Subclasses implement `__call__(z, x)`, `zero_state(x)` and `input_layout`.
+    Subclasses implement `__call__(z, x)` and `zero_state(x)`, and say the layout of
+    one sample's input in `input_layout`.
     `banax.DEQ(cell, ...)` starts the solve from `cell.zero_state(x)` when it is given
     neither `state_shape` nor `init`, so a model built from these cells needs nothing
     else to say what its state looks like, whatever its structure (an array, or a
@@ -34,20 +35,25 @@ class AbstractCell(eqx.Module):
         when `x` has one, in the dtype the cell computes in."""
 
     @property
-    @abc.abstractmethod
-    def input_layout(self) -> tuple[str, ...]:
-        """The axes of one sample's input, e.g. `("H", "W", "C=3")`."""
+    def input_layout(self) -> tuple[str, ...] | None:
+        """The axes of one sample's input, e.g. `("H", "W", "C=3")`; `None` (the
+        default) leaves the input's rank unchecked."""
+        return None
 
     def check_input(self, x: PyTree, *, batched: bool) -> None:
-        """Refuse an input whose rank is not one sample's (`batched=False`) or a
-        batch's, `(N, *input_layout)` (`batched=True`), naming the expected layout."""
-        rank = len(self.input_layout) + int(batched)
-        layout = ", ".join(("N",) * int(batched) + self.input_layout)
+        """Refuse an input whose rank is not a batch's, `(N, *input_layout)`, in batch
+        mode (`batched=True`), or neither one sample's nor a batch's otherwise (a batch
+        may be solved as one state), naming the expected layout."""
+        if self.input_layout is None:
+            return
+        sample = ", ".join(self.input_layout)
+        ranks = (len(self.input_layout) + 1,) if batched else (
+            len(self.input_layout), len(self.input_layout) + 1)
         for leaf in jax.tree.leaves(x):
-            if leaf.ndim != rank:
-                mode = "in batch mode (batch_axis=0)" if batched else "for one sample"
+            if leaf.ndim not in ranks:
+                expected = f"(N, {sample})" if batched else f"({sample}) or (N, {sample})"
+                mode = "in batch mode (batch_axis=0)" if batched else "without a batch axis"
                 raise ValueError(
-                    f"{type(self).__name__}: {mode} x must be ({layout}), channels last; "
-                    f"got x of shape {tuple(leaf.shape)}. Reshape the input to that "
-                    f"layout.{self.rank_hint}"
+                    f"{type(self).__name__}: {mode} x must be {expected}; got x of shape "
+                    f"{tuple(leaf.shape)}. Reshape the input to that layout.{self.rank_hint}"
                 )

@@ -299,7 +299,7 @@ class MultiscaleCell(AbstractCell):
 class MultiscaleHead(eqx.Module):
     """A classifier reading every branch of a `MultiscaleCell`'s fixed point.
 
-        logits = L([mean_pos relu(Qᵢ ⋆ zᵢ)]ᵢ) 
+        logits = L([mean_pos relu(Qᵢ ⋆ zᵢ)]ᵢ)
 
     Each branch `zᵢ` goes through a 1×1 convolution `Qᵢ` to `features` channels and a
     ReLU, is averaged over its positions, and the branches' `features`-vectors are
