@@ -14,7 +14,8 @@ block with input injection, and a linear head reads the class off the flattened 
 `multiscale`: a multiscale DEQ (MDEQ) of about the same parameter count. One strided
 and one plain 3×3 convolution (each with group norm and ReLU) take the image to a
 `14×14×16` input; the equilibrium cell is `banax.nn.MultiscaleCell` with two branches,
-`14×14×16` and `7×7×28`; `banax.nn.MultiscaleHead` reads both.
+`14×14×16` and `7×7×20`; `banax.nn.MultiscaleHead` reads both (the finer one pooled to
+7×7) through one linear layer, as the conv model's head reads its 7×7 map.
 """
 
 from typing import Any
@@ -109,16 +110,18 @@ class MnistMDEQ(eqx.Module):
     deq: DEQ
     head: MultiscaleHead
 
-    def __init__(self, adjoint: Any, channels: tuple[int, ...] = (16, 28), *,
+    def __init__(self, adjoint: Any, channels: tuple[int, ...] = (16, 20), *,
                  key: PRNGKeyArray):
         k1, k2, k_cell, k_head = jax.random.split(key, 4)
         c = channels[0]
-        cell = MultiscaleCell(channels, c, groups=_GROUPS, key=k_cell, dtype=jnp.float32)
+        cell = MultiscaleCell(channels, c, groups=_GROUPS, expansion=2, key=k_cell,
+                              dtype=jnp.float32)
         self.stem = (_he(k1, (3, 3, 1, c)), _he(k2, (3, 3, c, c)))
         self.stem_scales = jnp.ones((2, c), jnp.float32)
         self.stem_shifts = jnp.zeros((2, c), jnp.float32)
         self.deq = DEQ(cell, adjoint=adjoint)
-        self.head = MultiscaleHead(channels, 10, features=32, key=k_head, dtype=jnp.float32)
+        coarsest = (14 >> (len(channels) - 1),) * 2
+        self.head = MultiscaleHead(channels, 10, coarsest, key=k_head, dtype=jnp.float32)
 
     def inject(self, images: Float[Array, "n 28 28 1"]) -> Float[Array, "n 14 14 c"]:
         """The stem, outside the solve: the cell's input `x`."""

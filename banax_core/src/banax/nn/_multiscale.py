@@ -299,37 +299,47 @@ class MultiscaleCell(AbstractCell):
 class MultiscaleHead(eqx.Module):
     """A classifier reading every branch of a `MultiscaleCell`'s fixed point.
 
-        logits = L([mean_pos relu(Qᵢ ⋆ zᵢ)]ᵢ)
+        logits = L(flatten([pool_{2^{n−1−i}}(zᵢ)]ᵢ))
 
-    Each branch `zᵢ` goes through a 1×1 convolution `Qᵢ` to `features` channels and a
-    ReLU, is averaged over its positions, and the branches' `features`-vectors are
-    concatenated into a linear layer `L` to `classes` logits. Takes the state tuple of
-    one sample or of a batch (a batch axis first).
+    Each branch `zᵢ` is average-pooled by `2^{n−1−i}` down to the coarsest branch's grid,
+    the branches are concatenated along the channels, and a linear layer `L` reads the
+    flattened result. (Averaging each map over all its positions instead loses most of
+    the information: every group-normalised map has a fixed mean over its positions and
+    group, and such a head did not learn MNIST.) Takes the state tuple of one sample or
+    of a batch (a batch axis first).
 
-    **Arguments:** `channels` (the cell's), `classes`, `features` (per branch; default
-    `channels[-1]`), `key`, `dtype`.
+    **Arguments:** `channels` (the cell's), `classes`, `coarsest` (the `(height, width)`
+    of the coarsest branch, i.e. the input's divided by `2^{n−1}`), `key`, `dtype`.
     """
 
-    convs: tuple[Conv, ...]
     linear: eqx.nn.Linear
+    channels: tuple[int, ...] = eqx.field(static=True)
 
-    def __init__(self, channels: tuple[int, ...], classes: int, *,
-                 features: int | None = None, key: PRNGKeyArray, dtype=None):
+    def __init__(self, channels: tuple[int, ...], classes: int,
+                 coarsest: tuple[int, int], *, key: PRNGKeyArray, dtype=None):
         classes = check_int("MultiscaleHead", "classes", classes)
-        features = check_int("MultiscaleHead", "features",
-                             channels[-1] if features is None else features)
+        h, w = (check_int("MultiscaleHead", "coarsest", c) for c in coarsest)
         dtype = jnp.zeros(()).dtype if dtype is None else dtype
-        keys = jax.random.split(key, len(channels) + 1)
-        self.convs = tuple(Conv(kernel(k, 1, c, features, dtype))
-                           for k, c in zip(keys[1:], channels))
-        self.linear = eqx.nn.Linear(features * len(channels), classes, key=keys[0],
+        self.channels = tuple(channels)
+        self.linear = eqx.nn.Linear(h * w * sum(self.channels), classes, key=key,
                                     dtype=dtype)
 
     def __call__(self, z: Maps) -> Float[Array, "*batch classes"]:
         single = z[0].ndim == 3
         z = tuple(a[None] for a in z) if single else tuple(z)
-        pooled = jnp.concatenate(
-            [jnp.mean(jax.nn.relu(c(a)), axis=(1, 2)) for c, a in zip(self.convs, z)],
-            axis=1)
-        logits = jax.vmap(self.linear)(pooled)
+        n = len(z)
+        pooled = []
+        for i, a in enumerate(z):
+            f = 2 ** (n - 1 - i)
+            b, h, w, c = a.shape
+            pooled.append(a.reshape(b, h // f, f, w // f, f, c).mean(axis=(2, 4)))
+        features = jnp.concatenate(pooled, axis=-1).reshape(z[0].shape[0], -1)
+        if features.shape[1] != self.linear.in_features:
+            raise ValueError(
+                f"MultiscaleHead: the state's coarsest branch is "
+                f"{pooled[0].shape[1]}×{pooled[0].shape[2]}, but the head was built for "
+                f"{self.linear.in_features // sum(self.channels)} positions; pass "
+                "coarsest=(height, width) of the coarsest branch."
+            )
+        logits = jax.vmap(self.linear)(features)
         return logits[0] if single else logits
