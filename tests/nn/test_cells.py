@@ -360,10 +360,12 @@ def test_conv_cell_on_sequences_and_volumes(dims, spatial):
         mean = grouped.mean(axis=(1, 3), keepdims=True)
         var = grouped.var(axis=(1, 3), keepdims=True)
         normed = ((grouped - mean) / jnp.sqrt(var + 1e-5)).reshape(a.shape)
-        return normed * cell.scales[i] + cell.shifts[i]
+        lead = (None,) * (a.ndim - 1)
+        return normed * cell.scales[i][lead] + cell.shifts[i][lead]
 
     h = jax.nn.relu(gn(0, lax_conv(z, cell.conv1)))
-    u = gn(1, lax_conv(h, cell.conv2) + lax_conv(x, cell.inject) + cell.inject_bias)
+    bias = cell.inject_bias[(None,) * (dims + 1)]
+    u = gn(1, lax_conv(h, cell.conv2) + lax_conv(x, cell.inject) + bias)
     expected = gn(2, jax.nn.relu(z + u))
     _close((cell(z, x), cell(z[1], x[1])), (expected, expected[1]), jnp.float64)
     assert cell.zero_state(x).shape == z.shape
@@ -379,7 +381,7 @@ def test_batch_of_sequences_to_the_image_cell_is_refused():
     deq = banax.DEQ(cell, solver=banax.get_solver("picard", batch_axis=0))
     with pytest.raises(ValueError, match=r"ConvCell: in batch mode \(batch_axis=0\) x must "
                        r"be \(N, H, W, C=3\); got x of shape \(4, 9, 3\).*"
-                       r"dims=1 takes sequences"):
+                       r"dims=1\) takes sequences"):
         deq(jnp.ones((4, 9, 3)))
     single = banax.DEQ(cell, solver="picard")
     with pytest.raises(ValueError, match=r"ConvCell: without a batch axis x must be "
