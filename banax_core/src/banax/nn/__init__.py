@@ -8,14 +8,15 @@ on; use it in your own cells to keep their gradients fast inside the solver's lo
 """
 
 from ._cell import AbstractCell
-from ._conv import conv2d
+from ._conv import conv1d, conv2d, conv3d
 from ._conv_cell import ConvCell
 from ._graph import Graph, GraphCell
 from ._group_norm import group_norm
 from ._mlp_cell import MLPCell
+from ._multiscale import MultiscaleCell, MultiscaleHead
 from ._transformer import TransformerCell
 
 __all__ = [
-    "AbstractCell", "ConvCell", "Graph", "GraphCell", "MLPCell", "TransformerCell",
-    "conv2d", "group_norm",
+    "AbstractCell", "ConvCell", "Graph", "GraphCell", "MLPCell", "MultiscaleCell",
+    "MultiscaleHead", "TransformerCell", "conv1d", "conv2d", "conv3d", "group_norm",
 ]

@@ -12,7 +12,7 @@ from jax.experimental import sparse
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cell import AbstractCell
-from ._conv_cell import _check_int
+from ._conv_cell import check_int
 
 # Power iteration for ρ(|A|): stop when the Collatz–Wielandt bounds agree to this
 # relative gap, or after this many products (the upper bound is returned either way).
@@ -154,7 +154,7 @@ class Graph(eqx.Module):
         `senders` and `receivers` are concrete integer arrays of equal length; an edge
         given twice, or in both directions, counts once.
         """
-        num_nodes = _check_int("Graph.from_edges", "num_nodes", num_nodes)
+        num_nodes = check_int("Graph.from_edges", "num_nodes", num_nodes)
         s, r = np.asarray(senders), np.asarray(receivers)
         if s.ndim != 1 or r.shape != s.shape or (s.size and (
                 not np.issubdtype(s.dtype, np.integer)
@@ -278,8 +278,8 @@ class GraphCell(AbstractCell):
     def __init__(self, features: int, inject_features: int, kappa: float = 0.9, *,
                  activation: Literal["relu", "tanh"] = "relu", key: PRNGKeyArray,
                  dtype=None):
-        features = _check_int("GraphCell", "features", features)
-        inject_features = _check_int("GraphCell", "inject_features", inject_features)
+        features = check_int("GraphCell", "features", features)
+        inject_features = check_int("GraphCell", "inject_features", inject_features)
         if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) \
                 or not 0 < kappa < 1:
             raise ValueError(

@@ -1,4 +1,4 @@
-"""Group normalisation of channels-last images."""
+"""Group normalisation of channels-last sequences, images and volumes."""
 
 import jax
 import jax.numpy as jnp
@@ -22,21 +22,23 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 
 def group_norm(
-    x: Float[Array, "batch height width channels"],
+    x: Float[Array, "batch *spatial channels"],
     groups: int,
     scale: Float[Array, " channels"],
     shift: Float[Array, " channels"],
     eps: float = 1e-5,
-) -> Float[Array, "batch height width channels"]:
+) -> Float[Array, "batch *spatial channels"]:
     """`(x − μ) / √(σ² + ε) · γ + β`, with `μ`, `σ²` the mean and variance of each
     sample over its spatial positions and the channels of one group (Wu & He, 2018).
 
-    Each sample is normalised on its own, so batch mode and `jax.vmap` agree. It is
-    what `eqx.nn.GroupNorm(groups, channels)` computes on a channels-first sample.
+    `x` is channels last, `(N, *spatial, C)` with any number of spatial axes. Each
+    sample is normalised on its own, so batch mode and `jax.vmap` agree. It is what
+    `eqx.nn.GroupNorm(groups, channels)` computes on a channels-first sample.
     """
-    n, h, w, c = x.shape
-    grouped = x.reshape(n, h, w, groups, c // groups)
-    mean = jnp.mean(grouped, axis=(1, 2, 4), keepdims=True)
-    var = jnp.var(grouped, axis=(1, 2, 4), keepdims=True)
-    normed = ((grouped - mean) * jax.lax.rsqrt(var + eps)).reshape(n, h, w, c)
-    return normed * scale[None, None, None, :] + shift[None, None, None, :]
+    n, c = x.shape[0], x.shape[-1]
+    grouped = x.reshape(n, -1, groups, c // groups)
+    mean = jnp.mean(grouped, axis=(1, 3), keepdims=True)
+    var = jnp.var(grouped, axis=(1, 3), keepdims=True)
+    normed = ((grouped - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape)
+    lead = (None,) * (x.ndim - 1)
+    return normed * scale[(*lead, slice(None))] + shift[(*lead, slice(None))]

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cell import AbstractCell
-
-from ._conv_cell import _check_int
+from ._conv_cell import check_int
 
 INITIAL_LIPSCHITZ = 0.9
 """The bound `‖W₂‖₂ ‖W₁‖₂` on the cell's Lipschitz constant in `z` at initialisation."""
@@ -59,9 +58,9 @@ class MLPCell(AbstractCell):
         key: PRNGKeyArray,
         dtype=None,
     ):
-        features = _check_int("MLPCell", "features", features)
-        inject = _check_int("MLPCell", "inject_features", inject_features)
-        hidden = _check_int("MLPCell", "hidden_features",
+        features = check_int("MLPCell", "features", features)
+        inject = check_int("MLPCell", "inject_features", inject_features)
+        hidden = check_int("MLPCell", "hidden_features",
                             features if hidden_features is None else hidden_features)
         dtype = jnp.zeros(()).dtype if dtype is None else dtype
         k1, k2, k3, k4, k5 = jax.random.split(key, 5)
@@ -88,6 +87,10 @@ class MLPCell(AbstractCell):
         pre = z @ self.W1.T + x @ self.U.T
         h = jax.nn.relu(pre + jnp.broadcast_to(self.b1, pre.shape))
         return jnp.tanh(h @ self.W2.T + jnp.broadcast_to(self.b2, z.shape))
+
+    @property
+    def input_layout(self) -> tuple[str, ...]:
+        return (f"F={self.U.shape[1]}",)
 
     def zero_state(self, x: Float[Array, "*batch inject"]) -> Float[Array, "*batch features"]:
         """Zeros of shape `(features,)`, or `(N, features)` for a batch `x`."""

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cell import AbstractCell
-from ._conv_cell import _check_int
+from ._conv_cell import check_int
 
 
 def _uniform(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int, dtype) -> Array:
@@ -96,10 +96,10 @@ class TransformerCell(AbstractCell):
         key: PRNGKeyArray,
         dtype=None,
     ):
-        dim = _check_int("TransformerCell", "dim", dim)
-        heads = _check_int("TransformerCell", "heads", heads)
-        hidden = _check_int("TransformerCell", "hidden", hidden)
-        max_length = _check_int("TransformerCell", "max_length", max_length)
+        dim = check_int("TransformerCell", "dim", dim)
+        heads = check_int("TransformerCell", "heads", heads)
+        hidden = check_int("TransformerCell", "hidden", hidden)
+        max_length = check_int("TransformerCell", "max_length", max_length)
         if dim % heads:
             raise ValueError(
                 f"TransformerCell: heads must divide dim (each head gets dim / heads "
