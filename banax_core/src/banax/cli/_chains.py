@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         except UnknownNameError as error:
             return _fail(str(error))
         except (TypeError, ValueError) as error:
-            return _fail(f"cannot build --solver {args.solver} / --adjoint "
+            return _fail(f"cannot build --solver {args.solver or 'picard'} / --adjoint "
                          f"{args.adjoint}: {error}")
         for model in models:
             results[model, length] = _train(model, length, adjoint, settings, args)

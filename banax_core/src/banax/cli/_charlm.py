@@ -298,7 +298,8 @@ def run(args: argparse.Namespace) -> int:
     except UnknownNameError as error:
         return _fail(str(error))
     except (TypeError, ValueError) as error:
-        return _fail(f"cannot build --solver {args.solver} / --adjoint {args.adjoint}: {error}")
+        return _fail(f"cannot build --solver {args.solver or 'anderson'} / "
+                     f"--adjoint {args.adjoint}: {error}")
     return _train_all(args, adjoint)
 
 
