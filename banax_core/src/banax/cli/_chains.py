@@ -336,9 +336,12 @@ def plot_accuracy(results: dict[tuple[str, int], float], models: tuple[str, ...]
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    # Distinct markers and dashes: the DEQ's and the unroll's lines often coincide.
+    styles = {"deq": ("o", "-"), "gcn": ("s", "-"), "unrolled": ("^", "--")}
     for model in models:
-        ax.plot(lengths, [100 * results[model, n] for n in lengths], marker="o",
-                label=model)
+        marker, line = styles[model]
+        ax.plot(lengths, [100 * results[model, n] for n in lengths], marker=marker,
+                linestyle=line, label=model)
     ax.axhline(100 / CLASSES, color="grey", linestyle=":", label="chance")
     ax.set_xlabel("chain length (nodes)")
     ax.set_ylabel("test accuracy (%)")
