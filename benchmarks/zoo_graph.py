@@ -1,7 +1,7 @@
 """The implicit graph DEQ's training step against its explicit baselines, on chains.
 
 For each chain length `L`, the models of `banax demo --task chains` (width 16, a batch
-of 32 chains, the demo's settings: Picard, `K = L + 5` steps, the implicit adjoint
+of 32 chains, the demo's settings: Picard, `K = 2L + 20` steps, the implicit adjoint
 with the forward solver's settings backwards):
 
 - `deq`: `GraphCell` solved for `K` steps, gradient by the implicit adjoint (a
@@ -60,7 +60,7 @@ def main():
         for length in (int(n) for n in args.lengths.split(",")):
             data = _chains.chains(length, chains_per_class=args.batch // 2)
             x, y = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-            k = length + _chains.EXTRA_STEPS
+            k = _chains.solve_steps(length)
             solver = {"name": "picard", "batch_axis": 0, "max_steps": k, "rtol": 0.0,
                       "atol": 0.0}
             adjoint = get_adjoint("implicit", solver=solver, b_solver=solver,

@@ -37,6 +37,31 @@ def test_parse_model():
             _chains.parse_model(bad)
 
 
+def test_path_graph_is_the_papers_directed_normalised_chain():
+    # The paper's adjacency in its own orientation: edges i -> i+1 only, plus
+    # self-loops, normalised by the row sums; the cell's one-row-per-node form is
+    # its transpose. Its eigenvalues are its diagonal: ρ = 1.
+    length = 6
+    a = np.eye(length) + np.eye(length, k=1)
+    d = a.sum(axis=1)
+    paper = a / np.sqrt(d[:, None] * d[None, :])
+    graph = _chains.path_graph(length)
+    dense = np.asarray(graph.adjacency.todense())
+    np.testing.assert_allclose(dense, paper.T, rtol=1e-6)
+    assert not np.triu(dense, k=1).any()  # node i hears only itself and i - 1
+    np.testing.assert_allclose(float(graph.spectral_radius),
+                               np.max(np.abs(np.linalg.eigvals(np.abs(dense)))), rtol=1e-6)
+
+
+def test_the_cell_starts_at_kappa_times_the_identity():
+    model = _chains.ChainsDEQ({"name": "implicit", "solver": "picard"}, 5, 4,
+                              key=jax.random.key(0))
+    np.testing.assert_allclose(model.deq.cell.weight, _chains.KAPPA * np.eye(4), rtol=1e-7)
+    # On the ball's boundary (ρ = 1), so the projection keeps it as it is.
+    np.testing.assert_allclose(model.deq.cell.projected_weight(_chains.path_graph(5)),
+                               _chains.KAPPA * np.eye(4), rtol=1e-6)
+
+
 def test_the_two_layer_gcn_sees_two_hops_and_the_deq_the_whole_chain():
     # Change the head's input: the GCN's logits move at nodes 0-2 only; the DEQ's
     # (solved for enough steps) beyond (where relu has not zeroed the state).
@@ -46,12 +71,12 @@ def test_the_two_layer_gcn_sees_two_hops_and_the_deq_the_whole_chain():
     gcn = _chains.ChainsGCN(length, 4, key=jax.random.key(0))
     change = np.abs(np.asarray(gcn(moved)[0] - gcn(x)[0]))[0].sum(axis=1)
     assert np.all(change[:3] > 0) and np.all(change[3:] == 0)
-    solver = {"name": "picard", "batch_axis": 0, "max_steps": length + 2, "rtol": 0.0,
-              "atol": 0.0}
+    solver = {"name": "picard", "batch_axis": 0, "max_steps": _chains.solve_steps(length),
+              "rtol": 0.0, "atol": 0.0}
     deq = _chains.ChainsDEQ({"name": "implicit", "solver": solver}, length, 4,
                             key=jax.random.key(0))
     change = np.abs(np.asarray(deq(moved)[0] - deq(x)[0]))[0].sum(axis=1)
-    assert np.sum(change[3:] > 0) >= 3
+    assert np.all(change > 1e-3)  # every node, the tail included, hears the head
 
 
 def test_readout_is_unit_length_and_scale_free():

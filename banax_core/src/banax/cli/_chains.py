@@ -4,15 +4,15 @@ only at the head of each chain, so a model must carry it along the whole chain.
 The data are the synthetic chains of the implicit graph network paper (Gu et al.,
 2020): chains of `length` nodes, each of one of two classes; the head node's input
 feature is the one-hot class, every other node's input is zero, and every node is
-labelled with its chain's class. Half the chains train, half are held out. Chains are
-disjoint graphs, so each chain is one sample of a batch (its own path graph, with the
-normalisation `D^{-1/2} (A + I) D^{-1/2}`): solving the batch is solving the union
-graph, and the DEQ's batch mode stops each chain on its own.
+labelled with its chain's class. Half the chains train, half are held out. As in the
+paper, a chain is directed, from its head to its tail (`path_graph`). Chains are
+disjoint graphs, so each chain is one sample of a batch (its own graph): solving the
+batch is solving the union graph, and the DEQ's batch mode stops each chain on its own.
 
 Models (`--model MODEL[:LENGTHS]`, e.g. `--model both:10,20,50,100`):
 
-- `deq`: `banax.nn.GraphCell` (relu, κ = 0.9) to its fixed point, each node's state
-  scaled to unit length, a linear read-out (no bias).
+- `deq`: `banax.nn.GraphCell` (relu, κ = 0.9, `W` starting at `κ I`) to its fixed
+  point, each node's state scaled to unit length, a linear read-out (no bias).
 - `gcn`: a two-layer graph convolutional network of the same width,
   `Â relu(Â U W₁) W₂`: it sees two hops from each node.
 - `unrolled`: the same cell and read-out, the cell applied a fixed `K` times from
@@ -21,9 +21,10 @@ Models (`--model MODEL[:LENGTHS]`, e.g. `--model both:10,20,50,100`):
   forward cell applications.
 - `both`: `deq` and `gcn`; `all`: the three.
 
-Information moves one hop per application of the cell, so the forward solve needs at
-least `length` steps to reach the end of a chain: the solves run a fixed `max_steps`
-(the chain length plus 5) unless `--solver-option` says otherwise. The solver is
+Information moves at most one hop per application of the cell (on average one every
+two steps here, see `solve_steps`), so the forward solve needs some `2 × length` steps
+to reach the end of a chain: the solves run a fixed `solve_steps(length)` steps unless
+`--solver-option` says otherwise. The solver is
 Picard unless `--solver` names another (Anderson's mixing breaks down here once the
 iterates stop changing in float32).
 """
@@ -37,6 +38,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import sparse
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._deq import DEQ
@@ -54,14 +56,16 @@ CLASSES = 2
 CHAINS = 64  # per class and per split
 DEFAULTS = {"epochs": 30, "batch_size": 32, "width": 16}
 # A tolerance would stop the forward solve before the far end of a long chain has
-# moved (its state is tiny beside the head's), and a chain needs as many steps as it
-# has hops: by default the solves run a fixed `length + EXTRA_STEPS` steps.
-EXTRA_STEPS = 5
-# The head's influence decays along the chain like r^hops at best, r the root in (0, 1)
-# of (κ/3) r² − (1 − κ/3) r + κ/3 (a path's normalised rows are 1/3, 1/3, 1/3): 0.57
-# at κ = 0.9, 0.84 at κ = 0.99, so after 100 hops 4e-25 against 3e-8. κ = 0.99 keeps
-# the far end's state, and its gradients, well inside float32's range.
-KAPPA = 0.99
+# moved, and a chain needs about two steps per hop (`solve_steps`): by default the
+# solves run a fixed `2 × length + EXTRA_STEPS` steps.
+EXTRA_STEPS = 20
+# On the directed chain a node keeps 1/2 of its own state and receives 1/2 of its
+# predecessor's, so with W = κ I a signal changes by (κ/2) / (1 − κ/2) per hop: 0.82
+# at κ = 0.9 (2e-9 after 100 hops, well inside float32 and above `SIGNAL_FLOOR`),
+# 0.98 at κ = 0.99. The paper's κ = 0.9 also makes the tail (its self-loop weighs 1)
+# converge like 0.9^steps: the solves reach the fixed point within `solve_steps`,
+# where at κ = 0.99 (0.99^steps) they stop short of it.
+KAPPA = 0.9
 # A state below this carries no usable signal: its readout's cotangent (~1/‖z‖, summed
 # backwards over ~1/(1 − κ) steps) must keep the squared residual norms of a
 # float32 backward solve over a chain's nodes finite (< 3e38).
@@ -103,10 +107,39 @@ def chains(length: int, chains_per_class: int = CHAINS, seed: int = 0) -> _train
     return _training.Data(x_train, y_train, x_test, y_test)
 
 
+def solve_steps(length: int) -> int:
+    """The solves' fixed step count for chains of `length` nodes.
+
+    A cell application moves the head's signal one hop with weight κ/2 or keeps it in
+    place with weight κ/2, so the part of the fixed point at node `k` arrives after
+    a negative-binomial number of steps, of mean ≈ 2k and spread ≈ √(2k): `2 × length`
+    plus a margin.
+    """
+    return 2 * length + EXTRA_STEPS
+
+
 def path_graph(length: int) -> Graph:
-    """One chain: the path `0 - 1 - ... - (length − 1)`, normalised, float32."""
-    return Graph.from_edges(np.arange(length - 1), np.arange(1, length), length,
-                            dtype=jnp.float32)
+    """One chain, directed as in the paper: node `i` receives from node `i − 1` only.
+
+    The paper's adjacency has the edges `i → i+1` alone (not symmetrised) with its
+    normalisation `Â = D̃^{-1/2} (A + I) D̃^{-1/2}`, `D̃` the row sums of `A + I` in its
+    own orientation (2 for every node but the tail's 1), and its cell aggregates
+    `X Â`: here, one row per node, the transpose `Âᵀ`, lower bidiagonal. Being
+    triangular, its eigenvalues are its diagonal (`1/2`, and `1` at the tail), so
+    `ρ(|Âᵀ|) = 1` exactly.
+    """
+    degree = np.full(length, 2.0)
+    degree[-1] = 1.0
+    nodes = np.arange(length)
+    rows = np.concatenate([nodes, nodes[1:]])
+    cols = np.concatenate([nodes, nodes[:-1]])
+    weights = 1 / np.sqrt(degree[rows] * degree[cols])
+    order = np.lexsort((cols, rows))
+    adjacency = sparse.BCOO(
+        (jnp.asarray(weights[order], jnp.float32),
+         jnp.asarray(np.stack([rows, cols], axis=1)[order], jnp.int32)),
+        shape=(length, length), indices_sorted=True, unique_indices=True)
+    return Graph(adjacency, spectral_radius=np.float32(1.0))
 
 
 def readout(z: Float[Array, "*batch nodes width"]) -> Float[Array, "*batch nodes width"]:
@@ -145,6 +178,12 @@ class ChainsDEQ(eqx.Module):
                  unroll: int | None = None):
         k_cell, k_head = jax.random.split(key)
         cell = GraphCell(width, CLASSES, kappa=KAPPA, key=k_cell, dtype=jnp.float32)
+        # W starts at κ/ρ · I (ρ = 1 here), on the ball's boundary: the cell starts by
+        # carrying every feature along the chain, as identity-initialised recurrent
+        # networks do. From GraphCell's default random W the relu state dies out some
+        # 20 hops down the chain, and training does not bring it back.
+        cell = eqx.tree_at(lambda c: c.weight, cell,
+                           KAPPA * jnp.eye(width, dtype=jnp.float32))
         self.deq = DEQ(cell, adjoint=adjoint, pretrain_steps=unroll)
         self.head = _linear(k_head, width, CLASSES)
         self.length = length
@@ -209,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[tuple[str, int], float] = {}
     for length in lengths:
         # The chain needs `length` hops; an explicit --solver-option max_steps wins.
-        options = [("max_steps", length + EXTRA_STEPS), ("rtol", 0.0), ("atol", 0.0),
+        options = [("max_steps", solve_steps(length)), ("rtol", 0.0), ("atol", 0.0),
                    *args.solver_option]
         try:
             adjoint = _build_adjoint(argparse.Namespace(**{
@@ -297,9 +336,12 @@ def plot_accuracy(results: dict[tuple[str, int], float], models: tuple[str, ...]
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    # Distinct markers and dashes: the DEQ's and the unroll's lines often coincide.
+    styles = {"deq": ("o", "-"), "gcn": ("s", "-"), "unrolled": ("^", "--")}
     for model in models:
-        ax.plot(lengths, [100 * results[model, n] for n in lengths], marker="o",
-                label=model)
+        marker, line = styles[model]
+        ax.plot(lengths, [100 * results[model, n] for n in lengths], marker=marker,
+                linestyle=line, label=model)
     ax.axhline(100 / CLASSES, color="grey", linestyle=":", label="chance")
     ax.set_xlabel("chain length (nodes)")
     ax.set_ylabel("test accuracy (%)")
