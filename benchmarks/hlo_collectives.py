@@ -64,7 +64,7 @@ def _instruction(line: str) -> tuple[str, str] | None:
     rest = line[match.end():]
     if rest.startswith("("):
         depth = 0
-        for end, char in enumerate(rest):
+        for end, char in enumerate(rest):  # noqa: B007 (`end` is read after the loop)
             depth += {"(": 1, ")": -1}.get(char, 0)
             if depth == 0:
                 break

@@ -5,8 +5,8 @@
 
 A `banax.DEQ` on `banax.nn.MLPCell(256, hidden 1024)`, Anderson in batch mode to
 `rtol=1e-6`, the implicit adjoint, batch 32, one Adam step, on a mesh of all devices
-in each layout: one device; data parallel (batch split, parameters replicated); FSDP (parameters split
-over the data axis, gathered at the layer's entry); per-shard solves (`PerShardSolve`);
+in each layout: one device; data parallel (batch split, parameters replicated); FSDP (parameters
+split over the data axis, gathered at the layer's entry); per-shard solves (`PerShardSolve`);
 data × model (2 × 4: hidden units split over the model axis). Prints per layout the
 median step time, the forward solve's steps, and the collectives of the compiled
 step inside the solver's loops (run once per iteration) and outside (once per step),
@@ -28,8 +28,14 @@ import optax
 from banax import DEQ
 from banax.nn import MLPCell
 from banax.parallel import (
-    Gathered, PerShardSolve, device_mesh, fsdp_specs, mlp_cell_specs, replicated_specs,
-    shard, shard_batch,
+    Gathered,
+    PerShardSolve,
+    device_mesh,
+    fsdp_specs,
+    mlp_cell_specs,
+    replicated_specs,
+    shard,
+    shard_batch,
 )
 from hlo_collectives import collectives, describe
 

@@ -144,7 +144,7 @@ def weight_norm_table(repeats: int) -> None:
     once, outside the solve."""
     key = jax.random.key(0)
     linear = eqx.nn.Linear(WIDTH, WIDTH, use_bias=False, key=key, dtype=jnp.float32)
-    linear = eqx.tree_at(lambda l: l.weight, linear, linear.weight * 0.5)
+    linear = eqx.tree_at(lambda lin: lin.weight, linear, linear.weight * 0.5)
     normed = eqx.nn.WeightNorm(linear)
 
     class Normed(eqx.Module):
@@ -162,7 +162,7 @@ def weight_norm_table(repeats: int) -> None:
 
     # Row i of vmap(normed)(I) is W e_i, column i of the normalised W.
     weight = jax.vmap(normed)(jnp.eye(WIDTH, dtype=jnp.float32)).T
-    precomputed = Normed(eqx.tree_at(lambda l: l.weight, linear, weight))
+    precomputed = Normed(eqx.tree_at(lambda lin: lin.weight, linear, weight))
     rows = []
     for name, cell in (("WeightNorm inside the solve", Normed(normed)),
                        ("precomputed weight", precomputed)):

@@ -10,18 +10,34 @@ import pytest
 
 import banax
 from banax import (
-    FSpec, Result, Solution, Stats, half_normal_like, trace_count, trace_history,
-    trace_last, trace_last_aux, zeros_like,
+    FSpec,
+    Result,
+    Solution,
+    Stats,
+    half_normal_like,
+    trace_count,
+    trace_history,
+    trace_last,
+    trace_last_aux,
+    zeros_like,
 )
 from banax.adjoint import (
-    BPTT, GDEQ, JFB, Adjoint, Implicit, NeumannPhantom, Reversible, UnrollPhantom,
+    BPTT,
+    GDEQ,
+    JFB,
+    Adjoint,
+    Implicit,
+    NeumannPhantom,
+    Reversible,
+    UnrollPhantom,
 )
 from banax.regularization import (
-    denoising_energy, hutchinson_jacobian_frobenius, jacobian_spectral_norm,
+    denoising_energy,
+    hutchinson_jacobian_frobenius,
+    jacobian_spectral_norm,
 )
 from banax.solver import Anderson, Broyden, Picard, Relaxed, Solver
 from banax.solver import Reversible as ReversibleSolver
-
 from helpers import contraction_matrix, dense_implicit_grad
 
 N = 64

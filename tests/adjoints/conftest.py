@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import pytest
-from helpers import contraction_matrix, dense_implicit_grad, finite_difference_grad
 
 import banax
 from banax.adjoint import BPTT, Implicit, Reversible
+from helpers import contraction_matrix, dense_implicit_grad, finite_difference_grad
 
 CELL_NAMES = ("scalar", "vector", "pytree", "batched", "module")
 

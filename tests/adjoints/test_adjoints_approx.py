@@ -8,10 +8,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import contraction_matrix, tree_allclose
 
 import banax
 from banax.adjoint import BPTT, GDEQ, JFB, Implicit, NeumannPhantom, Reversible, UnrollPhantom
+from helpers import contraction_matrix, tree_allclose
 
 
 class AuxCell(eqx.Module):

@@ -6,7 +6,13 @@ import pytest
 
 import banax
 from banax.adjoint import (
-    BPTT, GDEQ, JFB, Implicit, NeumannPhantom, Reversible, UnrollPhantom,
+    BPTT,
+    GDEQ,
+    JFB,
+    Implicit,
+    NeumannPhantom,
+    Reversible,
+    UnrollPhantom,
 )
 
 NAMES = ("bptt", "implicit", "jfb", "gdeq", "unroll_phantom", "neumann_phantom",

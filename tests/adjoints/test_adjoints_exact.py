@@ -5,10 +5,10 @@ and float64; and the reversible adjoint against BPTT through the same steps."""
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from helpers import tree_allclose
 
 import banax
 from banax.adjoint import BPTT, Reversible
+from helpers import tree_allclose
 
 
 def _tolerance(kind, dtype):

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import pytest
-from helpers import contraction_matrix
 
 import banax
 from banax import BackwardStats, Result
-from banax.adjoint import BPTT, GDEQ, JFB, Implicit, NeumannPhantom, UnrollPhantom
+from banax.adjoint import BPTT, GDEQ, JFB, Implicit, NeumannPhantom
+from helpers import contraction_matrix
 
 N = 4
 W = contraction_matrix(jax.random.key(0), N, 0.9, symmetric=False)

@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import contraction_matrix
 
 import banax
 from banax import Result
 from banax.adjoint import BPTT, Reversible
+from helpers import contraction_matrix
 
 N = 16
 BATCH = 3

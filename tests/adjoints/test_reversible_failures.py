@@ -72,9 +72,14 @@ def test_a_faithful_replay_reports_its_distance_and_converged():
 
 
 def test_on_failure_warns_or_raises_about_a_drifting_replay():
-    with pytest.warns(banax.BackwardSolveWarning, match=r"Reversible: the backward pass could not rebuild the forward steps.*mode='exact'"):
+    with pytest.warns(
+        banax.BackwardSolveWarning,
+        match=r"Reversible: the backward pass could not rebuild the forward steps.*mode='exact'",
+    ):
         _grad(_flat("warn"), _drifting(), jnp.asarray(0.5), jnp.zeros(3), None)
-    with pytest.raises(Exception, match="Reversible: the backward pass could not rebuild.*replay of mode='flat'"):
+    with pytest.raises(
+        Exception, match="Reversible: the backward pass could not rebuild.*replay of mode='flat'"
+    ):
         _grad(_flat("raise"), _drifting(), jnp.asarray(0.5), jnp.zeros(3), None)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from banax._registry import REGISTRY, DISABLE_AUTOLOAD_ENV
+from banax._registry import DISABLE_AUTOLOAD_ENV, REGISTRY
 
 
 class FakeDistributions:

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import dense_implicit_grad
 
 import banax
 from banax import benchmark
@@ -39,6 +38,7 @@ from banax.benchmark import (
     targets,
     train_step,
 )
+from helpers import dense_implicit_grad
 
 ROOT = Path(__file__).resolve().parents[2]
 

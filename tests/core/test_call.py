@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from minimal import Direct, Iterate, Trial
 
 import banax
 from banax import trace_count, trace_history, trace_last, trace_last_aux
+from minimal import Direct, Iterate, Trial
 
 W = jnp.array([[0.2, 0.1], [0.0, 0.3]])
 B = jnp.array([1.0, 2.0])

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import pytest
-from helpers import dense_implicit_grad
 
 import banax
 from banax.adjoint import BPTT, JFB, Implicit
+from helpers import dense_implicit_grad
 
 N, D = 4, 3
 X = jnp.linspace(-1.0, 1.0, 2 * D).reshape(2, D)

@@ -7,8 +7,14 @@ import tomllib
 import pytest
 from packaging.requirements import Requirement
 
-from core.installs import (ROOT, SELECTIVE_LINE, fresh_venv, pip_install,
-                           readme_install_lines, requirements)
+from core.installs import (
+    ROOT,
+    SELECTIVE_LINE,
+    fresh_venv,
+    pip_install,
+    readme_install_lines,
+    requirements,
+)
 
 LINES = readme_install_lines()
 # The selective line is installed and checked by test_selective_install.py.

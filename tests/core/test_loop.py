@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
-from helpers import contraction_matrix, dense_implicit_grad, tree_allclose
-from minimal import Counter, DenseImplicit, Direct, Iterate
 
 import banax
 from banax import Result
+from helpers import contraction_matrix, dense_implicit_grad, tree_allclose
+from minimal import Counter, DenseImplicit, Direct, Iterate
 
 
 def linear(x, a, b):

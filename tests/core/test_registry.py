@@ -139,7 +139,9 @@ def test_malformed_hook_results_are_errors_naming_the_plugin(fake_dists):
     """)
     with pytest.warns(banax.BanaxPluginWarning, match="bad-result"):
         REGISTRY.table  # noqa: B018
-    with pytest.raises(banax.PluginError, match=r"bad-result.*not a subclass of banax.solver.Solver"):
+    with pytest.raises(
+        banax.PluginError, match=r"bad-result.*not a subclass of banax.solver.Solver"
+    ):
         banax.get_solver("not_a_solver")
     failures = [f.error for f in banax.plugin_failures() if f.distribution == "bad-result"]
     assert any("returned list, expected a dict" in e for e in failures)

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
-from minimal import Direct, Iterate, Trial
 
 import banax
 from banax import trace_history, trace_last
 from banax.extend import bind, check_choice, check_flag, check_integer, check_real
+from minimal import Direct, Iterate, Trial
 
 W = jnp.array([[0.2, 0.1], [0.0, 0.3]])
 B = jnp.array([1.0, 2.0])

@@ -22,7 +22,13 @@ import jax
 import numpy as np
 
 from banax.parallel import (
-    Gathered, device_mesh, fsdp_specs, mlp_cell_specs, replicated_specs, shard, shard_batch,
+    Gathered,
+    device_mesh,
+    fsdp_specs,
+    mlp_cell_specs,
+    replicated_specs,
+    shard,
+    shard_batch,
 )
 from deq import sharded_layouts as layouts
 from docs.run_page import python_blocks

@@ -28,8 +28,14 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from banax import DEQ  # noqa: E402
 from banax.nn import MLPCell  # noqa: E402
 from banax.parallel import (  # noqa: E402
-    Gathered, PerShardSolve, device_mesh, fsdp_specs, mlp_cell_specs, replicated_specs,
-    shard, shard_batch,
+    Gathered,
+    PerShardSolve,
+    device_mesh,
+    fsdp_specs,
+    mlp_cell_specs,
+    replicated_specs,
+    shard,
+    shard_batch,
 )
 from deq.deq_cells import Regressor, mse  # noqa: E402
 

@@ -8,8 +8,7 @@ import sys
 import pytest
 
 import banax
-from banax.cli import demo
-from banax.cli import build_parser, main
+from banax.cli import build_parser, demo, main
 
 
 def _banax(*args: str) -> subprocess.CompletedProcess:
@@ -58,7 +57,8 @@ def test_demo_components_and_options_by_name():
         "implicit", solver=banax.get_solver("broyden", batch_axis=0, history_size=4, rtol=1e-4),
         b_solver=banax.get_solver("picard", max_steps=7), on_failure="ignore",
     )
-    gdeq = demo._build_adjoint(parser.parse_args(["demo", "--solver", "broyden", "--adjoint", "gdeq"]))
+    gdeq = demo._build_adjoint(
+        parser.parse_args(["demo", "--solver", "broyden", "--adjoint", "gdeq"]))
     assert gdeq == banax.get_adjoint("gdeq", solver=banax.get_solver("broyden", batch_axis=0),
                                      on_failure="ignore")
     default = demo._build_adjoint(parser.parse_args(["demo"]))

@@ -102,12 +102,12 @@ def _check_agrees(sol, fn):
     (name, jnp.float64) for name in ("picard", "anderson")])
 def test_diverged_is_the_last_finite_iterate(name, dtype):
     solver, f = _solver(name), _map(dtype)
-    cs = (SCALES[:, None] * C[None, :]).astype(dtype)
+    all_cs = (SCALES[:, None] * C[None, :]).astype(dtype)
     solve = jax.jit(lambda cs: banax.extend.solve_flat(
         solver, lambda z: f(z, cs), jnp.zeros(cs.shape, dtype)))
     # In batch mode (one sample converges, two diverge at different steps), and alone
     # (outside batch mode the loop takes another path).
-    for cs in (cs, cs[:1]):
+    for cs in (all_cs, all_cs[:1]):
         sol = solve(cs)
         _check_agrees(sol, lambda z: f(z, cs))
         z, fz, steps, results = _hand_run(solver, f, jnp.zeros(cs.shape, dtype), cs)

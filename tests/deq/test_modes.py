@@ -53,7 +53,9 @@ def test_pretraining_unrolls_the_cell_and_backpropagates(cell, x):
     assert tree_allclose(z, direct(cell), rtol=1e-12, atol=1e-14)
     assert bool(jnp.all(sol.stats.steps == 4))
     assert tree_allclose(sol.stats.abs_err, jnp.linalg.norm(z - direct(cell, 3), axis=1))
-    loss = lambda c, layer: jnp.sum(jnp.sin(eqx.tree_at(lambda d: d.cell, layer, c)(x)))
+    def loss(c, layer):
+        return jnp.sum(jnp.sin(eqx.tree_at(lambda d: d.cell, layer, c)(x)))
+
     assert tree_allclose(jax.grad(loss)(cell, pre),
                          jax.grad(lambda c: jnp.sum(jnp.sin(direct(c))))(cell),
                          rtol=1e-10, atol=1e-12)

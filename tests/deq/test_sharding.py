@@ -179,7 +179,7 @@ ENTRY %main (x: f32[2,8]) -> f32[2,8] {
   %g2 = (f32[3]{0}, f32[], f32[], f32[], f32[], /*index=5*/f32[5]{0}) all-reduce(%a, %b), to_apply=%add
   ROOT %o = f32[2,8]{1,0} get-tuple-element(%w), index=1
 }
-"""
+"""  # noqa: E501 (a real HLO line)
 
 
 def test_hlo_collectives_counts_what_runs_per_iteration():

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import dense_implicit_grad
 
 import banax
 from banax import nn
+from helpers import dense_implicit_grad
 
 DIM, HEADS, HIDDEN, LENGTH, MAX_LENGTH = 8, 2, 12, 5, 9
 

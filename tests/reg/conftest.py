@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from banax_reg import denoising_energy, hutchinson_jacobian_frobenius, jacobian_spectral_norm
+
+from banax_reg import hutchinson_jacobian_frobenius, jacobian_spectral_norm
 
 N = 6
 N_SAMPLES = 20_000  # probes / noise draws of the statistical tests

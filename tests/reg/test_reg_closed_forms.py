@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from banax_reg import denoising_energy, hutchinson_jacobian_frobenius, jacobian_spectral_norm
 from hypothesis import given, settings
+
+from banax_reg import denoising_energy, hutchinson_jacobian_frobenius, jacobian_spectral_norm
 
 REGULARIZERS = [jacobian_spectral_norm, hutchinson_jacobian_frobenius, denoising_energy]
 NAMES = [r.__name__ for r in REGULARIZERS]

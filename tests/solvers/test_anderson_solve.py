@@ -9,10 +9,11 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hypothesis import given, settings
+
 from banax.benchmark import SolveOnly, f_spec, problem
 from banax.solver import Anderson
 from banax_solvers.anderson import _cholesky_solve
-from hypothesis import given, settings
 
 # One compilation per (depth, dtype): the strategies draw values, not shapes.
 _solve = jax.jit(_cholesky_solve)

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import contraction_matrix, dense_implicit_grad
 
 import banax
 from banax import Result
+from helpers import contraction_matrix, dense_implicit_grad
 
 N = 12
 DTYPES = ("float16", "bfloat16", "float32", "float64")

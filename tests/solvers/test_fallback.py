@@ -5,10 +5,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import dense_implicit_grad, tree_allclose
 
 import banax
 from banax import Result, extend
+from helpers import dense_implicit_grad, tree_allclose
 
 N, BATCH = 5, 3
 PICARD3 = {"name": "picard", "max_steps": 3, "batch_axis": 0, "rtol": 1e-10}

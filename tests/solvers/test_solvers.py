@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
-from helpers import contraction_matrix, tree_allclose
-from minimal import Direct
 
 import banax
 from banax import Result
+from helpers import contraction_matrix, tree_allclose
+from minimal import Direct
 
 TOL = {"atol": 1e-10, "rtol": 0.0, "max_steps": 600}
 CONFIGS = {
@@ -136,7 +136,8 @@ def batch_solve(config, linear=False, **kwargs):
 def test_batch_mode_stops_each_sample_on_its_own(config, linear):
     args, z_star = batch_problem(linear=linear)
     sol = batch_solve(config, linear)
-    assert (sol.result == Result.CONVERGED).shape == sol.stats.steps.shape == sol.stats.abs_err.shape == (4,)
+    converged = sol.result == Result.CONVERGED
+    assert converged.shape == sol.stats.steps.shape == sol.stats.abs_err.shape == (4,)
     assert jnp.all(sol.result == Result.CONVERGED)
     assert jnp.allclose(sol.value, z_star, atol=1e-8)
     # Each sample's own residual, recomputed here, and its own step count: slower

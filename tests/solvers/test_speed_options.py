@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import contraction_matrix, dense_implicit_grad
-from minimal import Direct
 
 import banax
 from banax import Result
+from helpers import contraction_matrix, dense_implicit_grad
+from minimal import Direct
 
 N = 6
 # Samples contract at different rates, so they stop at different steps; the last one

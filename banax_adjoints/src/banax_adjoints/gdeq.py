@@ -60,6 +60,8 @@ class GDEQ(AbstractLinearSolveAdjoint):
         budget: None,
     ) -> jax.Array:
         # In the factors' dtype, at least float32.
-        return self.solver.inverse_jacobian_vjp(
+        solver = self.solver
+        assert isinstance(solver, LowRankInverseJacobian)  # checked at construction
+        return solver.inverse_jacobian_vjp(
             forward.state, g.astype(working_dtype(g.dtype))
         )

@@ -104,7 +104,8 @@ class UnrollPhantom(AbstractBackwardRuleAdjoint):
 
     def __post_init__(self) -> None:
         if self.b_solver is None:
-            self.b_solver = _default_b_solver()
+            # Equinox lets __post_init__ set fields of its frozen dataclass.
+            self.b_solver = _default_b_solver()  # pyright: ignore[reportAttributeAccessIssue]
 
     def __check_init__(self) -> None:
         check_solver("UnrollPhantom", "solver", self.solver)
@@ -192,7 +193,8 @@ class NeumannPhantom(AbstractLinearSolveAdjoint):
 
     def __post_init__(self) -> None:
         if self.b_solver is None:
-            self.b_solver = _default_b_solver()
+            # Equinox lets __post_init__ set fields of its frozen dataclass.
+            self.b_solver = _default_b_solver()  # pyright: ignore[reportAttributeAccessIssue]
 
     def __check_init__(self) -> None:
         check_solver("NeumannPhantom", "solver", self.solver)

@@ -98,7 +98,8 @@ class Reversible(AbstractBackwardRuleAdjoint):
     - `mode`: `"exact"` or `"flat"`, see above. Default `"exact"`.
     - `checkpoints`: the states `mode="flat"` keeps, an int >= 1 (the first is `x0`'s).
         Default 16.
-    - `on_failure`: `"warn"`, `"raise"` or `"ignore"`; see `banax.extend.AbstractBackwardRuleAdjoint`.
+    - `on_failure`: `"warn"`, `"raise"` or `"ignore"`; see
+      `banax.extend.AbstractBackwardRuleAdjoint`.
     """
 
     solver: AbstractSolver
@@ -138,18 +139,24 @@ class Reversible(AbstractBackwardRuleAdjoint):
             why="; mode='flat' keeps that many states of its replay",
         )
 
+    def _invertible(self) -> Any:
+        """The solver, an iterative one with the `InvertibleStep` capability (checked at
+        construction); typed `Any` as Python has no intersection type."""
+        return self.solver
+
     def solve(self, problem: Problem) -> FlatSolution:
         if self.mode == "flat":
             return super().solve(problem)
         # The forward solve keeps what the rewind needs (for the reversible solver, the
         # digits its step drops); `backward` then sees the same recording solver.
-        recording = eqx.tree_at(lambda a: a.solver, self, self.solver.recording())
+        recording: Reversible = eqx.tree_at(
+            lambda a: a.solver, self, self._invertible().recording())
         return super(Reversible, recording).solve(problem)
 
     def backward(
         self, problem: Problem, forward: FlatSolution, g: jax.Array
     ) -> tuple[Any, jax.Array, BackwardStats]:
-        solver = self.solver
+        solver = self._invertible()
         params, f_with = problem.parameters()
         f = problem.f.evaluate
         z0 = problem.z0

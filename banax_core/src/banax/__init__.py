@@ -12,10 +12,18 @@ import warnings as _warnings
 from importlib import metadata as _metadata
 from typing import Any as _Any
 
-from . import adjoint, extend, hookspecs, internal, nn, regularization, solver, utils
-from ._adjoint import Adjoint, BackwardSolveWarning, PairingError
+# `banax.hookspecs` (the plugin hook specifications) is public, though outside `__all__`.
+from . import adjoint, extend, hookspecs, internal, nn, regularization, solver, utils  # noqa: F401
+from ._adjoint import Adjoint, PairingError
 from ._deq import DEQ
-from ._failures import ForwardSolveWarning, SolveSummary, skip_if, solve_summary, step_failed
+from ._failures import (
+    BackwardSolveWarning,
+    ForwardSolveWarning,
+    SolveSummary,
+    skip_if,
+    solve_summary,
+    step_failed,
+)
 from ._fspec import FSpec
 from ._numerics import BanaxPrecisionWarning, reachable_tolerances
 from ._registry import (

@@ -16,7 +16,6 @@ from jaxtyping import Array, Int
 from ._batch_checks import check_independence as checked_independent
 from ._failures import (
     ON_FAILURE,
-    BackwardSolveWarning,
     Context,
     context,
     current,
@@ -323,9 +322,9 @@ class AbstractLinearSolveAdjoint(AbstractBackwardRuleAdjoint):
         # solve's loop.
         _, vjp = jax.vjp(lambda z, p: f_with(p)(z), forward.z, params)
         out = self.adjoint_solve(lambda v: vjp(v)[0], g, forward, problem.backward_budget)
-        lam, *report = out if isinstance(out, tuple) else (out,)
+        lam, report = out if isinstance(out, tuple) else (out, None)
         _, p_bar = vjp(lam.astype(forward.z.dtype))
-        return (p_bar, None, *report)
+        return (p_bar, None) if report is None else (p_bar, None, report)
 
 
 # The seed's names of the bases.

@@ -130,6 +130,7 @@ def _dot(eqn: Any, ins: list[int | None], shapes: list[tuple[int, ...]]) -> int:
         raise Mixing("a matrix product combines different samples")
     side, contract, batch = (0, lc, lb) if la is not None else (1, rc, rb)
     a = la if la is not None else ra
+    assert a is not None  # called for an equation with a batched operand
     if a in contract:
         raise Mixing("a matrix product contracts the batch axis")
     if a in batch:

@@ -16,10 +16,10 @@ from ._adjoint import Adjoint
 from ._batch_checks import batch_size, check_batch_follows, check_independence, shapes_of
 from ._failures import context, report_forward
 from ._fspec import FSpec, bind
-from ._modes import check_inference_options, check_pretrain_steps, inference_adjoint, unrolled
-from ._layout import as_state
-from ._pytrees import describe, same_shapes, same_structure
 from ._keys import key_shape
+from ._layout import as_state
+from ._modes import check_inference_options, check_pretrain_steps, inference_adjoint, unrolled
+from ._pytrees import describe, same_shapes, same_structure
 from ._registry import as_adjoint
 from ._solution import BackwardStats, Solution
 from ._solver import AbstractSolver
@@ -60,7 +60,7 @@ def _shape_tuple(state_shape: Any) -> tuple[int, ...]:
     if not (
         isinstance(state_shape, (tuple, list))
         and all(isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_))
-                and s > 0 for s in state_shape)
+                and int(s) > 0 for s in state_shape)
     ):
         raise TypeError(
             "DEQ: state_shape must be a tuple of positive ints (the shape of one "

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int, PyTree
 
-from ._solution import Result, Solution, summary_of_counts
+from ._solution import Result, Solution
 
 ON_FAILURE = ("raise", "warn", "ignore")
 

@@ -16,7 +16,7 @@ def key_shape(key: Any) -> tuple[int, ...] | None:
     """
     if not isinstance(key, jax.Array):
         return None
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return tuple(key.shape)
     if key.dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
         return tuple(key.shape[:-1])

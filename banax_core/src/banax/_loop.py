@@ -18,6 +18,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._layout import FlatState
 from ._numerics import check_tolerances, residual_norms
+
 # Freezing the samples that stopped is the per-sample selection solvers also use.
 from ._numerics import where_per_sample as _freeze
 from ._problem import Problem
@@ -138,7 +139,7 @@ def iterate(
             trace=trace,
             abs_err=abs_err,
             rel_err=rel_err,
-            steps=c.steps + keep.astype(jnp.int32) if count_steps else None,
+            steps=None if c.steps is None else c.steps + keep.astype(jnp.int32),
             done=c.done | solver.meets_tolerance(abs_err, rel_err) | bad,
             diverged=c.diverged | (active & bad),
             best=best,
@@ -162,7 +163,7 @@ def iterate(
         z, fz, abs_err, rel_err = final.best
     converged = solver.meets_tolerance(abs_err, rel_err) & ~final.diverged
     steps = final.steps
-    if not count_steps:
+    if steps is None:  # not count_steps
         # The loop stops on the step that diverged, which is not taken.
         taken = final.k - (final.diverged[0] & (final.k > 0)).astype(final.k.dtype)
         steps = jnp.full((batch,), taken, jnp.int32)

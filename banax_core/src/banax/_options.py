@@ -21,7 +21,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import equinox as eqx
 import jax
@@ -140,6 +140,14 @@ def check_real(
     return number
 
 
+@overload
+def check_integer(owner: Any, option: str, value: Any, *, minimum: int,
+                  maximum: int | None = None, allow_none: Literal[False] = False,
+                  why: str = "") -> int: ...
+@overload
+def check_integer(owner: Any, option: str, value: Any, *, minimum: int,
+                  maximum: int | None = None, allow_none: bool = False,
+                  why: str = "") -> int | None: ...
 def check_integer(owner: Any, option: str, value: Any, *, minimum: int,
                   maximum: int | None = None, allow_none: bool = False,
                   why: str = "") -> int | None:

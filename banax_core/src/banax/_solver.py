@@ -11,7 +11,7 @@ one of two kinds, and `banax.extend.solve` runs either:
 
 import abc
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import equinox as eqx
 import jax
@@ -21,9 +21,9 @@ from jaxtyping import Array, Bool, Float, Inexact, Int
 from ._layout import FlatState
 from ._options import check_choice, check_flag, check_integer, check_real, normalise_options
 from ._solution import FlatSolution
-from ._trace import TracedFunction
 
-LOOP_KINDS = ("lax", "bounded", "checkpointed")
+LoopKind = Literal["lax", "bounded", "checkpointed"]
+LOOP_KINDS: tuple[LoopKind, ...] = ("lax", "bounded", "checkpointed")
 MAX_STEPS_LIMIT = 2**31 - 1
 SolverState = TypeVar("SolverState")
 
@@ -75,7 +75,7 @@ class AbstractSolver(eqx.Module):
     atol: float = eqx.field(default=0.0, kw_only=True)
     rtol: float = eqx.field(default=1e-5, kw_only=True)
     max_steps: int = eqx.field(default=50, kw_only=True)
-    loop_kind: str = eqx.field(default="lax", kw_only=True)
+    loop_kind: LoopKind = eqx.field(default="lax", kw_only=True)
     batch_axis: int | None = eqx.field(default=None, kw_only=True)
     keep_best: bool = eqx.field(default=False, kw_only=True)
     check_every: int = eqx.field(default=1, kw_only=True)
@@ -144,10 +144,12 @@ class AbstractIterativeSolver(AbstractSolver, Generic[SolverState]):
 
     @abc.abstractmethod
     def step(
-        self, f: TracedFunction, z: FlatState, fz: FlatState, state: SolverState,
-        trace: Any,
+        self, f: Callable[..., tuple[FlatState, Any]], z: FlatState, fz: FlatState,
+        state: SolverState, trace: Any,
     ) -> tuple[FlatState, FlatState, SolverState, Any]:
-        """One iteration: from `(z, f(z), state)` to `(z', f(z'), state')`.
+        """One iteration: from `(z, f(z), state)` to `(z', f(z'), state')`, with
+        `f(z, trace, tag=None) -> (f(z), trace)` a `TracedFunction` or any callable of
+        that form (adjoints' backward passes step with untraced functions).
 
         Must evaluate `f` at the new iterate (the loop uses `f(z')` for the residual and
         hands it to the next step), and return the threaded `trace`.

@@ -16,7 +16,13 @@ from ._registry import REGISTRY, registrations
 
 if TYPE_CHECKING:
     from banax_adjoints import (
-        BPTT, GDEQ, JFB, Implicit, NeumannPhantom, Reversible, UnrollPhantom,
+        BPTT,
+        GDEQ,
+        JFB,
+        Implicit,
+        NeumannPhantom,
+        Reversible,
+        UnrollPhantom,
     )
 
 __all__ = [

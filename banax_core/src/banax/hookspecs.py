@@ -25,13 +25,16 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 @hookspec
 def banax_solvers() -> dict[str, type]:
     """Return the solvers this plugin provides, as `{name: SolverSubclass}`."""
+    ...
 
 
 @hookspec
 def banax_adjoints() -> dict[str, type]:
     """Return the adjoints this plugin provides, as `{name: AdjointSubclass}`."""
+    ...
 
 
 @hookspec
 def banax_regularizers() -> dict[str, object]:
     """Return the regularizers this plugin provides, as `{name: function}`."""
+    ...

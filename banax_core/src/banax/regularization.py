@@ -10,7 +10,9 @@ from ._registry import REGISTRY, registrations
 
 if TYPE_CHECKING:
     from banax_reg import (
-        denoising_energy, hutchinson_jacobian_frobenius, jacobian_spectral_norm,
+        denoising_energy,
+        hutchinson_jacobian_frobenius,
+        jacobian_spectral_norm,
     )
 
 __all__ = ["denoising_energy", "hutchinson_jacobian_frobenius", "jacobian_spectral_norm"]

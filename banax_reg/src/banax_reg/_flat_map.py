@@ -23,9 +23,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
 from banax import FSpec
 from banax.extend import TracedFunction, key_shape, make_problem, working_dtype
-from jaxtyping import Array, Float, PRNGKeyArray
 
 Flat = Float[Array, "batch features"]
 

@@ -6,8 +6,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from banax import FSpec
+from jax.core import Tracer
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from banax import FSpec
 
 from ._flat_map import FlatMap, check_key, check_n_steps, flat_map, sq_norms
 
@@ -63,7 +65,7 @@ def denoising_energy(
 
 def _check_sigma(sigma: Any) -> None:
     problem = f"must be a scalar, got shape {jnp.shape(sigma)}" if jnp.shape(sigma) else None
-    if problem is None and not isinstance(sigma, jax.core.Tracer):  # traced: unchecked
+    if problem is None and not isinstance(sigma, Tracer):  # traced: unchecked
         value = np.asarray(sigma)
         if not (np.isfinite(value) and value >= 0):
             problem = f"must be finite and >= 0, got {sigma!r}"

@@ -5,8 +5,9 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from banax import FSpec
 from jaxtyping import Array, Float, PRNGKeyArray
+
+from banax import FSpec
 
 from ._flat_map import FlatMap, check_key, check_n_steps, flat_map, sq_norms
 

@@ -91,7 +91,7 @@ class Fallback(AbstractSolveCombinator):
                 "its shared options are read off the two solvers, so set them there, "
                 "e.g. secondary={'name': 'anderson', 'rtol': 1e-6}."
             )
-        solvers = []
+        solvers: list[AbstractSolver] = []
         for option, spec in (("primary", primary), ("secondary", secondary)):
             if spec is None:
                 raise TypeError(

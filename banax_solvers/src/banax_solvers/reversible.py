@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt
 
 from banax import Solver
-from banax.extend import InvertibleStep, TracedFunction
+from banax.extend import InvertibleStep
 
 from ._common import Flat, check_bool, check_damp, damped
 
@@ -281,7 +281,8 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         return (a_int.astype(scale.dtype) / scale).astype(dtype)
 
     def step(
-        self, f: TracedFunction, z: Flat, fz: Flat, state: ReversibleState, trace: Any
+        self, f: Callable[..., tuple[Flat, Any]], z: Flat, fz: Flat, state: ReversibleState,
+        trace: Any,
     ) -> tuple[Flat, Flat, ReversibleState, Any]:
         scale = state.scale
         y_int, y_next, y_digit, y_q = self._relax(state.y_int, state.y, fz, scale)
@@ -290,6 +291,8 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
         fz_next, trace = f(z_next, trace)
         remainders, k = state.remainders, state.k
         if self.record:
+            # A recording solver's state holds both (see `init`).
+            assert remainders is not None and k is not None
             codes = self._encode(y_digit, z_digit, y_q, z_q)
             remainders = jax.lax.dynamic_update_slice_in_dim(
                 remainders, codes[:, None, :], k, axis=1)
@@ -317,6 +320,8 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
                 "Reversible: inverse_map needs the digits recorded by the forward solve; "
                 "run it with solver.recording() (Reversible(record=True))."
             )
+        # A recording solver's state holds all three (see `init`).
+        assert state.remainders is not None and state.k is not None and state.z0 is not None
         scale, k, int_dtype = state.scale, state.k - 1, state.z_int.dtype
         codes = jax.lax.dynamic_index_in_dim(state.remainders, k, axis=1, keepdims=False)
         y_digit, z_digit, y_c, z_c = self._decode(codes, int_dtype)

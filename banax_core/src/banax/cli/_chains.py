@@ -46,8 +46,7 @@ from .._registry import UnknownNameError
 from .._solution import BackwardStats, Result, Solution, Stats
 from ..nn import Graph, GraphCell
 from . import _training
-from .demo import _build_adjoint, _fail, _missing, _NEEDS, _EXTRA, _PLOT_NEEDS
-from .demo import missing_directory
+from .demo import _EXTRA, _NEEDS, _PLOT_NEEDS, _build_adjoint, _fail, _missing, missing_directory
 
 MODELS = {"deq": ("deq",), "gcn": ("gcn",), "unrolled": ("unrolled",),
           "both": ("deq", "gcn"), "all": ("deq", "gcn", "unrolled")}

@@ -91,8 +91,10 @@ def load_corpus() -> Corpus:
 def _flat_logits(head: eqx.nn.Linear, z: Array) -> Array:
     """`(N, length, dim)` states → `(N · length, vocab)` logits, the loss's layout."""
     flat = z.reshape(-1, z.shape[-1])
-    return flat @ head.weight.T + jnp.broadcast_to(head.bias, (flat.shape[0],
-                                                              head.bias.shape[0]))
+    logits = flat @ head.weight.T
+    if head.bias is None:
+        return logits
+    return logits + jnp.broadcast_to(head.bias, logits.shape)
 
 
 class DEQLanguageModel(eqx.Module):
@@ -220,7 +222,7 @@ class Run:
 
 def train(model: Any, corpus: Corpus, *, epochs: int, batch: int, seed: int = 0,
           steps_per_epoch: int | None = None, peak_lr: float = 3e-3,
-          on_step: Callable[[], None] = lambda: None,
+          on_step: Callable[[], object] = lambda: None,
           on_epoch: Callable[[Epoch], None] = lambda e: None) -> tuple[Any, Run]:
     """Train on random windows of the training text (`STEPS_PER_EPOCH` batches an epoch
     unless told); returns the model and its record."""
@@ -230,7 +232,8 @@ def train(model: Any, corpus: Corpus, *, epochs: int, batch: int, seed: int = 0,
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     step = _training.make_train_step(optimizer)
     rng = np.random.default_rng(seed)
-    history, first = [], None
+    history: list[Epoch] = []
+    first = math.nan  # the first step's time (with its compilation), set in epoch 1
     for epoch in range(1, epochs + 1):
         totals: dict[str, float] = {}
         times = []
@@ -245,7 +248,8 @@ def train(model: Any, corpus: Corpus, *, epochs: int, batch: int, seed: int = 0,
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
             on_step()
-        first = times[0] if first is None else first
+        if epoch == 1:
+            first = times[0]
         means = {k: v / steps_per_epoch for k, v in totals.items()}
         record = Epoch(epoch, bits=means.pop("loss") / _LN2, **means,
                        valid_bits=validation_bits(model, corpus.valid),

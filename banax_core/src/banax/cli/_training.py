@@ -142,7 +142,7 @@ def _batches(data: Data, batch: int, rng: np.random.Generator,
 def train(
     model: Any, data: Data, optimizer: Any, *, epochs: int, batch: int, seed: int = 0,
     augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] = lambda x, rng: x,
-    on_step: Callable[[], None] = lambda: None,
+    on_step: Callable[[], object] = lambda: None,
     on_epoch: Callable[[Epoch], None] = lambda record: None,
 ) -> tuple[Any, list[Epoch]]:
     """Train `model` on `data` for `epochs`; returns it and the per-epoch records.

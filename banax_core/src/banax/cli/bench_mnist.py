@@ -33,6 +33,7 @@ import numpy as np
 
 from banax import Adjoint, get_adjoint
 from banax.benchmark import interleaved_times, markdown_table, temp_memory_mb
+
 from . import _mnist, _training
 
 ADJOINTS = ("implicit", "jfb", "unroll_phantom", "neumann_phantom", "bptt", "reversible")
@@ -134,11 +135,11 @@ def _step_costs(model: Any, x: np.ndarray, y: np.ndarray,
     """Forward ms, backward ms (gradient step minus forward) and the gradient step's
     XLA temporary memory in MiB, for one batch."""
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    xs, ys = jnp.asarray(x), jnp.asarray(y)
 
     def loss(params: Any) -> jax.Array:
-        logits, _ = eqx.combine(params, static)(x)
-        return _training.cross_entropy(logits, y)
+        logits, _ = eqx.combine(params, static)(xs)
+        return _training.cross_entropy(logits, ys)
 
     forward = jax.jit(loss).lower(params).compile()
     gradient = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
