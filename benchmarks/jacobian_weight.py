@@ -141,7 +141,8 @@ def main() -> None:
               flush=True)
     if args.unrolled:
         r = run(0.0, data, args, unrolled=args.unrolled)
-        print(f"| unrolled ×{args.unrolled}, no penalty | {args.unrolled} applications | – | – | – | "
+        print(f"| unrolled ×{args.unrolled}, no penalty | {args.unrolled} applications "
+              "| – | – | – | "
               f"– | – | – | {100 * r['accuracy']:.1f} % | {r['ms_step']:.0f} | "
               f"{r['first_s']:.1f} |", flush=True)
 

@@ -77,7 +77,8 @@ def test_learned_initial_guess_trains_towards_the_fixed_point(data):
 
     grad = eqx.filter_grad(aux)(guess)
     z_star = layer(x)
-    truth = jax.grad(lambda w: jnp.mean((x @ w.T + guess.bias[None, :] - z_star) ** 2))(guess.weight)
+    truth = jax.grad(
+        lambda w: jnp.mean((x @ w.T + guess.bias[None, :] - z_star) ** 2))(guess.weight)
     assert tree_allclose(grad.weight, truth, rtol=1e-10, atol=1e-12)
     trained = eqx.apply_updates(guess, jax.tree.map(lambda g: -0.5 * g, grad))
     steps = lambda g: eqx.tree_at(lambda d: d.init, layer, eqx.filter_vmap(g))(  # noqa: E731

@@ -253,10 +253,10 @@ def conv_problem():
     z = implicit[1]
     f = lambda zf: cell(zf.reshape(z.shape), x).ravel()  # noqa: E731
     J = np.asarray(jax.jit(jax.jacrev(f))(z.ravel()))
-    I = np.eye(J.shape[0])
+    eye = np.eye(J.shape[0])
     cf = np.asarray(c).ravel()
-    Jb = (1 - BETA) * I + BETA * J
-    lambdas = {"implicit": np.linalg.solve(I - J.T, cf), "jfb": cf,
+    Jb = (1 - BETA) * eye + BETA * J
+    lambdas = {"implicit": np.linalg.solve(eye - J.T, cf), "jfb": cf,
                "phantom": BETA * sum(np.linalg.matrix_power(Jb.T, k) @ cf for k in range(K))}
     _, vjp = jax.vjp(lambda cell, x: cell(z, x), cell, x)
     truths = {k: vjp(jnp.asarray(lam).reshape(z.shape)) for k, lam in lambdas.items()}

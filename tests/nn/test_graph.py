@@ -12,7 +12,6 @@ from jax.experimental import sparse
 import banax
 from banax.nn import Graph, GraphCell
 from banax.nn._graph import project_rows_l1
-
 from helpers import dense_implicit_grad
 
 TOL = {jnp.float32: 2e-5, jnp.float64: 1e-11}

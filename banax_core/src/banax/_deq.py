@@ -4,7 +4,7 @@ import dataclasses
 import inspect
 import numbers
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 import equinox as eqx
 import jax
@@ -351,7 +351,10 @@ class DEQ(eqx.Module):
         out = solution.value
         if state is not None:
             kwargs = {} if key is None else {"key": key}
-            _, new_state = self.cell(jax.lax.stop_gradient(out), x, state, **kwargs)
+            # A stateful cell takes its state as a third argument, which a banax cell's
+            # signature does not show.
+            stateful = cast(Callable[..., Any], self.cell)
+            _, new_state = stateful(jax.lax.stop_gradient(out), x, state, **kwargs)
             out = (out, new_state)
         return (out, solution) if return_solution else out
 

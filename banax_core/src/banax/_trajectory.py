@@ -55,11 +55,12 @@ def trajectory(
     Returns `[z_{k₁}', …, z_{k_n}', z*]`: for each position `k` (an evaluation count
     of the cell, which is the step count for solvers with one evaluation per step such
     as Picard and Anderson; a solve that converged earlier gives its final iterate), the
-    iterate `z_k` reached after `k` steps, then `phantom_steps` damped cell steps `z ← (1 − β) z + β f(z)`
-    from `stop_gradient(z_k)`, differentiated by backpropagation (torchdeq's phantom
-    gradient); and last the layer's own output `z*`, with the layer's adjoint. With no
-    positions it is `[deq(x)]`. The state may be any pytree (each state in the list
-    has its structure, e.g. a `banax.nn.MultiscaleCell`'s tuple of maps).
+    iterate `z_k` reached after `k` steps, then `phantom_steps` damped cell steps
+    `z ← (1 − β) z + β f(z)` from `stop_gradient(z_k)`, differentiated by
+    backpropagation (torchdeq's phantom gradient); and last the layer's own output
+    `z*`, with the layer's adjoint. With no positions it is `[deq(x)]`. The state may be
+    any pytree (each state in the list has its structure, e.g. a
+    `banax.nn.MultiscaleCell`'s tuple of maps).
 
     The forward solve runs once, with a trace that keeps the sampled iterates; the
     extra cost is `len(positions) · phantom_steps` cell evaluations (and their
@@ -139,5 +140,5 @@ def trajectory_loss(
             f"got {weights!r}."
         )
     total = sum(wi * li for wi, li in zip(w, losses))
-    return total / sum(w)
+    return jnp.asarray(total / sum(w))
 

@@ -10,7 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Bool, Inexact, Int
+from jaxtyping import Array, Bool, Int
 
 
 class FixedPointCache(eqx.Module):

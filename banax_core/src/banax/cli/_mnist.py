@@ -120,7 +120,8 @@ class MnistMDEQ(eqx.Module):
         self.stem_scales = jnp.ones((2, c), jnp.float32)
         self.stem_shifts = jnp.zeros((2, c), jnp.float32)
         self.deq = DEQ(cell, adjoint=adjoint)
-        coarsest = (14 >> (len(channels) - 1),) * 2
+        side = 14 >> (len(channels) - 1)
+        coarsest = (side, side)
         self.head = MultiscaleHead(channels, 10, coarsest, key=k_head, dtype=jnp.float32)
 
     def inject(self, images: Float[Array, "n 28 28 1"]) -> Float[Array, "n 14 14 c"]:

@@ -28,7 +28,8 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._deq import DEQ
 from .._registry import REGISTRY, UnknownNameError, get_adjoint
@@ -149,6 +150,8 @@ def _digits(seed: int) -> _training.Data:
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=0.2, random_state=seed, stratify=labels
     )
+    x_train, x_test = np.asarray(x_train), np.asarray(x_test)
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     # Standardise each pixel with the training set's statistics (some are always 0).
     mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1.0
     x_train, x_test = (((x - mean) / std).astype("float32") for x in (x_train, x_test))

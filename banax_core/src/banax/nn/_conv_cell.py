@@ -96,8 +96,8 @@ class ConvCell(AbstractCell):
     conv2: Float[Array, "*k hidden channels"]
     inject: Float[Array, "*k inject channels"]
     inject_bias: Float[Array, " channels"]
-    scales: tuple[Array, Array, Array]
-    shifts: tuple[Array, Array, Array]
+    scales: tuple[Array, ...]
+    shifts: tuple[Array, ...]
     groups: int = eqx.field(static=True)
     rank_hint: ClassVar[str] = (" ConvCell(..., dims=1) takes sequences (L, C), dims=2 "
                                 "images (H, W, C), dims=3 volumes (D, H, W, C).")

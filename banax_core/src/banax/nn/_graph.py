@@ -8,8 +8,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jax.experimental import sparse
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._cell import AbstractCell
 from ._conv_cell import check_int
@@ -88,7 +89,8 @@ class Graph(eqx.Module):
     adjacency: sparse.BCOO
     spectral_radius: Float[Array, "*batch"]
 
-    def __init__(self, adjacency: sparse.BCOO, *, spectral_radius: Array | None = None):
+    def __init__(self, adjacency: sparse.BCOO, *,
+                 spectral_radius: ArrayLike | None = None):
         if not isinstance(adjacency, sparse.BCOO):
             raise TypeError(
                 f"Graph: adjacency must be a jax.experimental.sparse.BCOO, got "
@@ -110,8 +112,8 @@ class Graph(eqx.Module):
                 f"Graph: adjacency must hold floats, got dtype {adjacency.dtype}; use "
                 "adjacency.astype(jnp.float32)."
             )
-        concrete = not isinstance(adjacency.data, jax.core.Tracer) \
-            and not isinstance(adjacency.indices, jax.core.Tracer)
+        concrete = not isinstance(adjacency.data, Tracer) \
+            and not isinstance(adjacency.indices, Tracer)
         if concrete:
             bad = ~np.isfinite(np.asarray(adjacency.data))
             if bad.any():

@@ -338,7 +338,7 @@ class MultiscaleHead(eqx.Module):
             raise ValueError(
                 f"MultiscaleHead: the state's coarsest branch is "
                 f"{pooled[0].shape[1]}×{pooled[0].shape[2]}, but the head was built for "
-                f"{self.linear.in_features // sum(self.channels)} positions; pass "
+                f"{int(self.linear.in_features) // sum(self.channels)} positions; pass "
                 "coarsest=(height, width) of the coarsest branch."
             )
         logits = jax.vmap(self.linear)(features)

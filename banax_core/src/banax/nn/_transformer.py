@@ -82,7 +82,7 @@ class TransformerCell(AbstractCell):
     ff_in_bias: Float[Array, " hidden"]
     ff_out: Float[Array, "hidden dim"]
     ff_out_bias: Float[Array, " dim"]
-    norms: tuple[eqx.nn.LayerNorm, eqx.nn.LayerNorm, eqx.nn.LayerNorm]
+    norms: tuple[eqx.nn.LayerNorm, ...]
     dropout: eqx.nn.Dropout
 
     def __init__(
