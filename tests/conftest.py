@@ -4,7 +4,8 @@ from pathlib import Path
 import hypothesis
 
 # JAX compiles on first call, which would trip hypothesis's per-example deadline.
-hypothesis.settings.register_profile("banax", deadline=None, max_examples=25)
+# Derandomized: CI and every rerun draw the same examples, so a red run reproduces.
+hypothesis.settings.register_profile("banax", deadline=None, max_examples=25, derandomize=True)
 hypothesis.settings.load_profile("banax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A persistent compilation cache: a rerun of the suite, the xdist workers and the

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-# Root names (this module is not imported by the package's __init__).
-from . import DEQ, Solution, bind
+# Public names (this module is not imported by the package's __init__).
+from . import DEQ, Solution
+from .extend import bind
 from .nn import MLPCell
 
 

@@ -196,7 +196,8 @@ def validation_bits(model: Any, codes: np.ndarray, batch: int = 128) -> float:
 @dataclasses.dataclass(frozen=True)
 class Epoch:
     """One epoch's means over its steps (the loss in bits per character), the
-    validation bits per character after it, and the median seconds per step."""
+    validation bits per character after it, the median seconds per step, and the
+    share of steps whose update was skipped because the step failed."""
 
     epoch: int
     bits: float
@@ -207,6 +208,7 @@ class Epoch:
     b_failed: float
     valid_bits: float
     step_s: float
+    skipped: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
