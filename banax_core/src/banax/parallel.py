@@ -281,9 +281,8 @@ def transformer_cell_specs(tree: Any, mesh: Mesh, axis: str = "model") -> Any:
     over `axis`, two per cell evaluation. The number of heads and the feed-forward
     width must be divisible by the size of `axis`."""
     size = _check_axis("transformer_cell_specs", mesh, axis)
-    cells = [n for n in jax.tree.leaves(tree, is_leaf=lambda n: isinstance(n, TransformerCell))
-             if isinstance(n, TransformerCell)]
-    for cell in cells:
+    is_cell = lambda n: isinstance(n, TransformerCell)  # noqa: E731
+    for cell in filter(is_cell, jax.tree.leaves(tree, is_leaf=is_cell)):
         heads, hidden = cell.out.shape[0], cell.ff_in.shape[1]
         if heads % size or hidden % size:
             raise ValueError(
@@ -292,7 +291,8 @@ def transformer_cell_specs(tree: Any, mesh: Mesh, axis: str = "model") -> Any:
                 f"axis {axis!r}: both must be divisible by {size}; change heads or "
                 f"hidden, or use a model axis whose size divides both."
             )
-    return tensor_parallel_specs(tree, mesh, {TransformerCell: TRANSFORMER_CELL_RULES}, axis)
+    rules = {TransformerCell: TRANSFORMER_CELL_RULES}
+    return tensor_parallel_specs(tree, mesh, rules, axis)
 
 
 def _check_specs(mesh: Mesh, tree: Any, specs: Any) -> None:
