@@ -26,7 +26,7 @@ import optax  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from banax import DEQ  # noqa: E402
-from banax.nn import MLPCell  # noqa: E402
+from banax.nn import MLPCell, TransformerCell  # noqa: E402
 from banax.parallel import (  # noqa: E402
     Gathered,
     PerShardSolve,
@@ -36,6 +36,7 @@ from banax.parallel import (  # noqa: E402
     replicated_specs,
     shard,
     shard_batch,
+    transformer_cell_specs,
 )
 from deq.deq_cells import Regressor, mse  # noqa: E402
 
@@ -43,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from hlo_collectives import collectives  # noqa: E402
 
 FEATURES, INJECT, HIDDEN, BATCH = 8, 4, 16, 16
+# The transformer: 4 heads of 2 features, a sequence of 4 positions, 4 sequences.
+DIM, HEADS, FF, LENGTH, SEQUENCES = 8, 4, 16, 4, 4
 optimizer = optax.adam(1e-2)
 
 
@@ -55,10 +58,34 @@ def make_model(dtype: Any, rtol: float) -> Regressor:
     return Regressor(deq, jax.random.normal(kh, (FEATURES,), dtype))
 
 
-def step(model: Regressor, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple:
-    (loss, _), grads = eqx.filter_value_and_grad(mse, has_aux=True)(model, x, y)
-    updates, opt_state = optimizer.update(grads, opt_state)
-    return eqx.apply_updates(model, updates), opt_state, loss, grads
+def make_transformer() -> Regressor:
+    kc, kh = jax.random.split(jax.random.key(0), 4)[:2]
+    cell = TransformerCell(DIM, HEADS, FF, LENGTH, key=kc, dtype=jnp.float64)
+    # Halved weights: every sample's solve converges, slowly (the residual branches
+    # make the cell close to the identity), so an error of the tolerance's size grows in
+    # the fixed point; rtol 1e-13 keeps the gradient and Adam's step within 1e-10.
+    cell = eqx.tree_at(lambda c: (c.qkv, c.out, c.ff_in, c.ff_out), cell,
+                       replace_fn=lambda w: w / 2)
+    solver = {"name": "anderson", "batch_axis": 0, "rtol": 1e-13, "max_steps": 400}
+    return Regressor(DEQ(cell, solver=solver, adjoint="implicit"),
+                     jax.random.normal(kh, (DIM,), jnp.float64))
+
+
+def make_step(optimizer: optax.GradientTransformation) -> Callable:
+    def step(model: Regressor, opt_state: Any, x: jax.Array, y: jax.Array) -> tuple:
+        (loss, _), grads = eqx.filter_value_and_grad(mse, has_aux=True)(model, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return eqx.apply_updates(model, updates), opt_state, loss, grads
+
+    return step
+
+
+step = make_step(optimizer)
+# The key bias's gradient is zero in exact arithmetic (softmax ignores a shift shared by
+# all keys), so each run's is roundoff (1e-15); Adam's first update lr·g/(|g| + eps)
+# would turn that into 1e-9 with the default eps. A larger eps keeps it below 1e-12.
+transformer_optimizer = optax.adam(1e-2, eps=1e-4)
+transformer_step = make_step(transformer_optimizer)
 
 
 def arrays(tree: Any) -> list[jax.Array]:
@@ -80,7 +107,7 @@ def device_share(tree: Any) -> float:
 
 
 def run_layout(one: tuple, model: Regressor, opt_state: Any, x: jax.Array,
-               y: jax.Array, run: bool = True) -> dict[str, Any]:
+               y: jax.Array, run: bool = True, step: Callable = step) -> dict[str, Any]:
     compiled = eqx.filter_jit(step).lower(model, opt_state, x, y).compile()
     hlo = collectives(compiled.compiled.as_text())  # eqx wraps jax.stages.Compiled
     report = {"inside": dict(hlo.inside), "outside": dict(hlo.outside),
@@ -147,6 +174,22 @@ def main() -> None:
         w1 = shard(model, grid, mlp_cell_specs(model, grid)).deq.cell.W1
         report["tp_w1_shard"] = list(w1.addressable_shards[0].data.shape)
 
+    # The transformer split by heads over "model", its sequences over "data".
+    transformer = make_transformer()
+    kx, ky = jax.random.split(jax.random.key(0), 4)[2:]
+    x = jax.random.normal(kx, (SEQUENCES, LENGTH, DIM), jnp.float64)
+    y = jax.random.normal(ky, (SEQUENCES, LENGTH), jnp.float64)
+    opt_state = transformer_optimizer.init(eqx.filter(transformer, eqx.is_inexact_array))
+    one = eqx.filter_jit(transformer_step)(transformer, opt_state, x, y)
+    placed = shard(transformer, grid, transformer_cell_specs(transformer, grid))
+    opt_state = transformer_optimizer.init(eqx.filter(placed, eqx.is_inexact_array))
+    report["transformer"] = run_layout(one, placed, opt_state, *shard_batch(grid, (x, y)),
+                                       step=transformer_step)
+    report["transformer_shards"] = {
+        name: list(getattr(placed.deq.cell, name).addressable_shards[0].data.shape)
+        for name in ("qkv", "qkv_bias", "out", "position_bias", "ff_in", "ff_out",
+                     "out_bias")}
+
     model = make_model(jnp.float64, 1e-11)
     per_shard = PerShardSolve(model.deq, data)
     mixing = PerShardSolve(eqx.tree_at(lambda d: d.cell, model.deq,
@@ -157,6 +200,9 @@ def main() -> None:
         "tp_indivisible": message(lambda: mlp_cell_specs(
             Regressor(DEQ(MLPCell(8, 4, hidden_features=6, key=jax.random.key(0)),
                           solver="picard"), jnp.ones(8)), grid)),
+        "heads_indivisible": message(lambda: transformer_cell_specs(
+            DEQ(TransformerCell(8, 2, 16, 4, key=jax.random.key(0)), solver="picard"),
+            grid)),
         "batch": message(lambda: per_shard(x64[:12])),
         "mixing": message(lambda: mixing.check_samples_apart(x64)),
         "apart": message(lambda: per_shard.check_samples_apart(x64)),

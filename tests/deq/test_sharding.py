@@ -88,7 +88,7 @@ def only_flags(sizes: dict) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("layout, tolerance", [
     ("data", 1e-10), ("fsdp_float64", 1e-10), ("fsdp_float32", 1e-5), ("tp", 1e-10),
-    ("per_shard", 1e-10),
+    ("per_shard", 1e-10), ("transformer", 1e-10),
 ])
 def test_layout_trains_like_one_device(layouts, layout, tolerance):
     # Gradients and parameters after one Adam step, relative to their largest entry.
@@ -99,9 +99,10 @@ def test_layout_trains_like_one_device(layouts, layout, tolerance):
 @pytest.mark.slow
 def test_fsdp_gathers_weights_once_not_the_state_per_iteration(layouts):
     gathered, ungathered = layouts["fsdp_float64"], layouts["fsdp_ungathered"]
-    # Gathered at the layer's entry: inside the loops only the per-sample stopping
-    # flags are reduced (one forward, one backward), no gather or all-to-all.
-    assert gathered["inside"] == {"all-reduce": 2}
+    # Gathered at the layer's entry: inside the loops only scalar flags are reduced,
+    # two per loop (its stopping test, and whether any sample took its step, on which
+    # Anderson's shared history counter moves on), no gather or all-to-all.
+    assert gathered["inside"] == {"all-reduce": 4}
     assert only_flags(gathered["inside_sizes"])
     assert gathered["outside"].get("all-gather", 0) >= 1
     # Left to the partitioner, the split weights stay split and the state moves.
@@ -117,11 +118,31 @@ def test_tensor_parallel_reduces_the_state_once_per_cell_evaluation(layouts):
     tp = layouts["tp"]
     # Per iteration: the forward cell's product with W2 and the backward VJP's with W1
     # end in one all-reduce of the (8 / 2 data shards × 8 features) state each, beside
-    # the two stopping flags.
-    assert tp["inside"] == {"all-reduce": 4}
-    assert tp["inside_sizes"]["all-reduce"] == [1, 1, 64, 64]
+    # the two scalar flags of each loop.
+    assert tp["inside"] == {"all-reduce": 6}
+    assert tp["inside_sizes"]["all-reduce"] == [1, 1, 1, 1, 64, 64]
     assert layouts["tp_w1_shard"] == [4, 8]  # 16 hidden units over 4 devices
     assert tp["param_share"] < 0.5
+
+
+@pytest.mark.slow
+def test_transformer_split_by_heads_reduces_the_state_twice_per_cell_evaluation(layouts):
+    tp = layouts["transformer"]
+    # Per iteration, each all-reduce over the model axis carries one data shard's state
+    # (2 sequences × 4 positions × 8 features): the forward cell's sum over heads after
+    # the output projection and its product with W2; the backward VJP's transposes of
+    # the feed-forward and query/key/value input products; beside the two scalar flags
+    # of each loop.
+    assert tp["inside"] == {"all-reduce": 8}
+    assert tp["inside_sizes"]["all-reduce"] == [1, 1, 1, 1, 64, 64, 64, 64]
+    shards = layouts["transformer_shards"]
+    assert shards["qkv"] == [3, 1, 8, 2]  # one of the 4 heads per device
+    assert shards["qkv_bias"] == [3, 1, 2]
+    assert shards["out"] == [1, 2, 8]
+    assert shards["position_bias"] == [1, 4]
+    assert shards["ff_in"] == [8, 4] and shards["ff_out"] == [4, 8]  # 16 hidden / 4
+    assert shards["out_bias"] == [8]  # whole: added after the all-reduce
+    assert tp["param_share"] < 0.35 and tp["opt_share"] < 0.35
 
 
 @pytest.mark.slow
@@ -129,8 +150,8 @@ def test_per_shard_solve_runs_no_collective_in_its_loops(layouts):
     per_shard, data = layouts["per_shard"], layouts["data"]
     assert per_shard["inside"] == {}
     assert per_shard["outside"].get("all-reduce", 0) >= 1  # the gradient, once
-    # Plain data parallelism all-reduces the stopping flags at every iteration.
-    assert data["inside"] == {"all-reduce": 2} and only_flags(data["inside_sizes"])
+    # Plain data parallelism all-reduces the loops' flags at every iteration.
+    assert data["inside"] == {"all-reduce": 4} and only_flags(data["inside_sizes"])
 
 
 @pytest.mark.slow
@@ -144,6 +165,8 @@ def test_bad_layouts_fail_in_one_line(layouts):
         in errors["indivisible"]
     assert "MLPCell.W1 of shape (6, 8) cannot be split over the 4 devices of axis " \
         "'model'" in errors["tp_indivisible"]
+    assert "TransformerCell with 2 heads and feed-forward width 16 cannot be split " \
+        "over the 4 devices of axis 'model'" in errors["heads_indivisible"]
     assert "divisible by the 8 devices of mesh axis 'data'" in errors["batch"]
     assert "sizes [12]" in errors["batch"]
     assert "mixes samples across shards" in errors["mixing"]

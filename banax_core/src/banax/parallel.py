@@ -10,7 +10,8 @@ gradient's batch sum into cross-device reductions, and keeps the output sharded.
 When the parameters must be split too, a partition spec tree (one `PartitionSpec` per
 array of the model) says where each lives: `fsdp_specs` (every parameter split over
 the data axis; wrap the DEQ in `Gathered` to gather it once per call),
-`tensor_parallel_specs` / `mlp_cell_specs` (hidden units split over a model axis), and
+`tensor_parallel_specs` / `mlp_cell_specs` / `transformer_cell_specs` (hidden units or
+attention heads split over a model axis), and
 `shard` places a model by them. `PerShardSolve` solves each data shard on its own, with
 no communication inside the solver's loops. See `docs/multi_device.md`.
 """
@@ -28,7 +29,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 # Public names (this module is not imported by the package's __init__).
 from . import DEQ, Solution
 from .extend import bind
-from .nn import MLPCell
+from .nn import MLPCell, TransformerCell
 
 
 def data_mesh(axis_name: str = "data") -> Mesh:
@@ -260,6 +261,38 @@ def mlp_cell_specs(tree: Any, mesh: Mesh, axis: str = "model") -> Any:
     `tensor_parallel_specs`): the hidden units are split over `axis`, one all-reduce
     of the state per cell evaluation; everything else is replicated."""
     return tensor_parallel_specs(tree, mesh, {MLPCell: MLP_CELL_RULES}, axis)
+
+
+TRANSFORMER_CELL_RULES: dict[str, Rule] = {
+    "qkv": 1, "inject": 1, "qkv_bias": 1, "position_bias": 0, "out": 0,
+    "ff_in": 1, "ff_in_bias": 0, "ff_out": 0,
+}
+"""`banax.nn.TransformerCell` split by heads and feed-forward hidden units: the query,
+key, value and injection projections, their biases and the position bias along their
+heads axis, the output projection by its input heads (row parallel), `W₁` and `b₁` by
+hidden units, `W₂` by its input rows. Layer norms and the output biases stay whole."""
+
+
+def transformer_cell_specs(tree: Any, mesh: Mesh, axis: str = "model") -> Any:
+    """Tensor parallelism for every `banax.nn.TransformerCell` of `tree` (see
+    `tensor_parallel_specs`), Megatron style: each device attends with its own heads
+    and computes its own slice of the feed-forward block; the sum over heads after the
+    output projection and the product with `W₂` each end in one all-reduce of the state
+    over `axis`, two per cell evaluation. The number of heads and the feed-forward
+    width must be divisible by the size of `axis`."""
+    size = _check_axis("transformer_cell_specs", mesh, axis)
+    is_cell = lambda n: isinstance(n, TransformerCell)  # noqa: E731
+    for cell in filter(is_cell, jax.tree.leaves(tree, is_leaf=is_cell)):
+        heads, hidden = cell.out.shape[0], cell.ff_in.shape[1]
+        if heads % size or hidden % size:
+            raise ValueError(
+                f"transformer_cell_specs: a TransformerCell with {heads} heads and "
+                f"feed-forward width {hidden} cannot be split over the {size} devices of "
+                f"axis {axis!r}: both must be divisible by {size}; change heads or "
+                f"hidden, or use a model axis whose size divides both."
+            )
+    rules = {TransformerCell: TRANSFORMER_CELL_RULES}
+    return tensor_parallel_specs(tree, mesh, rules, axis)
 
 
 def _check_specs(mesh: Mesh, tree: Any, specs: Any) -> None:
