@@ -1,5 +1,4 @@
 import os
-from pathlib import Path
 
 import hypothesis
 
@@ -8,11 +7,6 @@ import hypothesis
 hypothesis.settings.register_profile("banax", deadline=None, max_examples=25, derandomize=True)
 hypothesis.settings.load_profile("banax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# A persistent compilation cache: a rerun of the suite, the xdist workers and the
-# subprocesses the tests start (which inherit this environment) reuse compiled programs.
-COMPILATION_CACHE = Path(__file__).resolve().parents[1] / ".pytest_cache" / "d" / "jax-cache"
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(COMPILATION_CACHE))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 

@@ -97,16 +97,33 @@ class CustomMixing(TanhCell):
         return _rolled(super().__call__(z, x))
 
 
+class SequenceAsImage(eqx.Module):
+    """A user's cell that convolves its state `(L, C)` as if the batch were an image
+    axis: `conv2d` on `z[None]`."""
+
+    kernel: jax.Array
+
+    def __call__(self, z, x):
+        return jnp.tanh(banax.nn.conv2d(z[None], self.kernel)[0] + x)
+
+
 def test_trace_time_check_catches_a_batch_read_as_a_spatial_axis(cell):
     # Sequences (N, L, C) given to a convolutional cell in batch mode: the cell reads
-    # them as one N x L image, so its convolutions run across the batch.
+    # them as one N x L image, so its convolutions run across the batch. banax's own
+    # cell refuses the rank; a user's cell is caught by reading its computation.
     conv = banax.nn.ConvCell(2, 1, groups=1, key=jax.random.key(2))
-    deq = DEQ(conv, {"name": "picard", "batch_axis": 0, "max_steps": 5}, "jfb")
+    picard = {"name": "picard", "batch_axis": 0, "max_steps": 5}
+    deq = DEQ(conv, picard, "jfb")
     sequences = jax.random.normal(jax.random.key(3), (4, 5, 1))
+    with pytest.raises(ValueError, match=r"ConvCell: in batch mode \(batch_axis=0\) x must "
+                       r"be \(N, H, W, C=1\); got x of shape \(4, 5, 1\)"):
+        deq(sequences)
+    users = DEQ(SequenceAsImage(jnp.full((3, 3, 1, 1), 0.1)), picard, "jfb",
+                state_shape=(5, 1))
     with pytest.raises(ValueError, match=r"DEQ: in batch mode \(batch_axis=0\) the cell "
                        r"mixes samples: a convolution reads the batch axis as a spatial "
                        r"axis.*images \(N, H, W, C\) for a convolutional cell"):
-        deq(sequences)
+        users(sequences)
     # A reduction over the batch (a mean over samples) is caught the same way, for free.
     mixing = DEQ(MeanCentred(cell.W, cell.U, cell.b), SOLVER, "jfb", state_shape=(N,))
     with pytest.raises(ValueError, match="reduce_sum reduces over the batch axis"):

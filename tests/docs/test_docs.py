@@ -27,9 +27,6 @@ def reader_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_", "XLA_", "BANAX_")) and k != "PYTHONPATH"}
     env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
-    # Only a cache of compiled programs is kept from the suite: it changes no result.
-    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
-        env["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
     return env
 
 
