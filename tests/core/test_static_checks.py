@@ -34,5 +34,7 @@ def test_ruff_is_clean():
 
 @pytest.mark.slow
 def test_basedpyright_is_clean():
-    done = _run(_tool("basedpyright"), "--pythonpath", sys.executable)
+    # The project named explicitly: a stray pyrightconfig.json in a parent folder would
+    # otherwise win over this repository's pyproject.toml.
+    done = _run(_tool("basedpyright"), "--project", str(ROOT), "--pythonpath", sys.executable)
     assert done.returncode == 0, done.stdout + done.stderr
