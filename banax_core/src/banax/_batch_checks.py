@@ -17,6 +17,7 @@ from jaxtyping import Array, Bool, PyTree
 
 from ._batch_flow import mixing_primitive
 from ._layout import common_batch_size
+from ._linearize import calls_custom_vjp
 from ._pytrees import describe as _describe
 
 
@@ -92,7 +93,7 @@ def mixes_samples(fn: Callable[[PyTree], PyTree], z: PyTree, axis: int,
     leave every other input sample's cotangent zero. Costs about two evaluations of
     `fn`.
     """
-    if _calls_custom_vjp(jax.make_jaxpr(fn)(z).jaxpr):
+    if calls_custom_vjp(jax.make_jaxpr(fn)(z).jaxpr):
         out, vjp = jax.vjp(fn, z)
         (spread,) = vjp(_on_sample_0(out, key, axis))
     else:
@@ -127,20 +128,6 @@ def _on_sample_0(tree: PyTree, key: Array, axis: int) -> PyTree:
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(treedef, [leaf(a, k) for a, k in zip(leaves, keys)])
-
-
-def _calls_custom_vjp(jaxpr: Any) -> bool:
-    """Whether a jaxpr calls a `jax.custom_vjp` function, which forbids `jax.jvp` (JAX
-    refuses such a JVP only when lowering it, too late to choose another mode)."""
-    for eqn in jaxpr.eqns:
-        if "custom_vjp" in eqn.primitive.name:
-            return True
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and _calls_custom_vjp(inner):
-                    return True
-    return False
 
 
 def shapes_of(tree: PyTree) -> PyTree:
