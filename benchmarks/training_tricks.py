@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 import banax
-from banax.cli.demo import Cell, _digits
+from banax.cli.demo import Cell, digits_data
 
 WIDTH, BATCH, RTOL = 64, 64, 1e-4
 SOLVER = {"name": "anderson", "batch_axis": 0, "rtol": RTOL, "max_steps": 60}
@@ -83,7 +83,7 @@ def build(trick: str, key: jax.Array) -> Model:
 
 
 def train(trick: str, epochs: int, seed: int) -> dict[str, Any]:
-    data = _digits(seed)
+    data = digits_data(seed)
     n = len(data.x_train)
     per_epoch = n // BATCH
     optimizer = optax.adamw(optax.cosine_onecycle_schedule(epochs * per_epoch, 3e-3),

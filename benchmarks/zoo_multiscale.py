@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from banax.cli import _mnist, _training, demo
+from banax.cli._common import build_adjoint
 
 
 def _unrolled_logits(model: _mnist.MnistMDEQ, images: jax.Array, steps: int) -> jax.Array:
@@ -67,8 +68,8 @@ def main() -> None:
     options = parser.parse_args()
     demo_parser = argparse.ArgumentParser()
     demo.add_arguments(demo_parser)
-    args = demo._resolve_defaults(demo_parser.parse_args(["--data", "mnist"]))
-    model = _mnist.MnistMDEQ(demo._build_adjoint(args), key=jax.random.key(0))
+    args = demo.resolve_defaults(demo_parser.parse_args(["--data", "mnist"]))
+    model = _mnist.MnistMDEQ(build_adjoint(args), key=jax.random.key(0))
     data = _mnist.load()
     x = jnp.asarray(data.x_train[:options.batch])
     y = jnp.asarray(data.y_train[:options.batch])

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from banax.cli import _charlm, _training, demo
+from banax.cli._common import build_adjoint
 
 
 def main() -> None:
@@ -39,9 +40,9 @@ def main() -> None:
 
     demo_parser = argparse.ArgumentParser()
     demo.add_arguments(demo_parser)
-    args = _charlm._resolve(demo_parser.parse_args(["--task", "charlm",
-                                                    *shlex.split(options.demo)]))
-    adjoint = demo._build_adjoint(args)
+    args = _charlm.resolve_defaults(demo_parser.parse_args(["--task", "charlm",
+                                                            *shlex.split(options.demo)]))
+    adjoint = build_adjoint(args)
     corpus = _charlm.load_corpus()
     rng = np.random.default_rng(0)
     tokens, targets = (jnp.asarray(a) for a in _charlm.windows(

@@ -9,6 +9,7 @@ import pytest
 
 import banax
 from banax.cli import build_parser, demo, main
+from banax.cli._common import build_adjoint
 
 
 def _banax(*args: str) -> subprocess.CompletedProcess:
@@ -52,21 +53,21 @@ def test_demo_components_and_options_by_name():
         "--solver-option", "rtol=1e-4", "--adjoint", "implicit",
         "--adjoint-option", "b_solver={'name': 'picard', 'max_steps': 7}",
     ])
-    adjoint = demo._build_adjoint(args)
+    adjoint = build_adjoint(demo.resolve_defaults(args))
     assert adjoint == banax.get_adjoint(
         "implicit", solver=banax.get_solver("broyden", batch_axis=0, history_size=4, rtol=1e-4),
         b_solver=banax.get_solver("picard", max_steps=7), on_failure="ignore",
     )
-    gdeq = demo._build_adjoint(
-        parser.parse_args(["demo", "--solver", "broyden", "--adjoint", "gdeq"]))
+    gdeq = build_adjoint(demo.resolve_defaults(
+        parser.parse_args(["demo", "--solver", "broyden", "--adjoint", "gdeq"])))
     assert gdeq == banax.get_adjoint("gdeq", solver=banax.get_solver("broyden", batch_axis=0),
                                      on_failure="ignore")
-    default = demo._build_adjoint(parser.parse_args(["demo"]))
+    default = build_adjoint(demo.resolve_defaults(parser.parse_args(["demo"])))
     anderson = banax.get_solver("anderson", batch_axis=0)
     assert default.solver == anderson and default.b_solver == anderson
     # The demo reports backward failures in its epoch lines instead of warning.
     assert default.on_failure == "ignore"
-    mnist = demo._build_adjoint(parser.parse_args(["demo", "--data", "mnist"]))
+    mnist = build_adjoint(demo.resolve_defaults(parser.parse_args(["demo", "--data", "mnist"])))
     loose = banax.get_solver("anderson", batch_axis=0, rtol=1e-3, max_steps=20)
     assert mnist.solver == loose and mnist.b_solver == loose
 

