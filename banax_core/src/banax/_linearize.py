@@ -15,7 +15,21 @@ from jaxtyping import Array
 
 
 def calls_custom_vjp(jaxpr: Any) -> bool:
-    """Whether `jaxpr` (or any jaxpr nested in it) calls a `jax.custom_vjp`."""
+    """Whether `jaxpr` calls a `jax.custom_vjp`, at its top level or in any jaxpr
+    nested in it (under `jax.jit`, `jax.lax.scan`, `jax.lax.cond`, ...).
+
+    A function that calls a `jax.custom_vjp` (the `banax.nn` convolutions do) has no
+    forward mode: `jax.jvp` and `jax.linearize` of it fail, but only when the derivative
+    is lowered, too late to choose another route. Read its jaxpr first and take
+    `v ↦ J v` as the transpose of the pullback `u ↦ Jᵀ u` (`jax.linear_transpose` of
+    `jax.vjp`) when this is `True`:
+
+        calls_custom_vjp(jax.make_jaxpr(f)(z).jaxpr)
+
+    **Arguments:** `jaxpr`, a `jax.extend.core.Jaxpr` or a `ClosedJaxpr`.
+
+    **Returns:** `True` if any equation is a custom-VJP call, else `False`.
+    """
     for eqn in jaxpr.eqns:
         if "custom_vjp" in eqn.primitive.name:
             return True

@@ -12,6 +12,7 @@ from ._adjoint import AbstractAdjoint, AbstractBackwardRuleAdjoint, AbstractLine
 from ._fspec import BoundFunction, bind
 from ._keys import key_shape
 from ._layout import FlatState
+from ._linearize import calls_custom_vjp
 from ._loop import solve, solve_flat
 from ._numerics import (
     residual_norms,
@@ -46,8 +47,8 @@ __all__ = [
     "AbstractLinearSolveAdjoint", "AbstractSolveCombinator", "AbstractSolver",
     "BoundFunction", "FlatSolution", "FlatState", "InvertibleStep",
     "LowRankInverseJacobian", "Problem", "TracedFunction",
-    "as_solver", "bind", "check_choice", "check_flag", "check_integer", "check_options",
-    "check_real", "hookimpl", "key_shape", "make_problem", "normalise_options",
-    "residual_norms", "solve", "solve_flat", "squared_norms", "stats_dtype",
-    "where_per_sample", "working_dtype",
+    "as_solver", "bind", "calls_custom_vjp", "check_choice", "check_flag", "check_integer",
+    "check_options", "check_real", "hookimpl", "key_shape", "make_problem",
+    "normalise_options", "residual_norms", "solve", "solve_flat", "squared_norms",
+    "stats_dtype", "where_per_sample", "working_dtype",
 ]

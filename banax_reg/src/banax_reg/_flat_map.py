@@ -26,7 +26,13 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from banax import FSpec
-from banax.extend import TracedFunction, key_shape, make_problem, working_dtype
+from banax.extend import (
+    TracedFunction,
+    calls_custom_vjp,
+    key_shape,
+    make_problem,
+    working_dtype,
+)
 
 Flat = Float[Array, "batch features"]
 
@@ -119,19 +125,7 @@ def _has_forward_mode(f: TracedFunction, z: Flat) -> bool:
     """Whether `jax.jvp` applies to `f`: not when it calls a `jax.custom_vjp`. (JAX only
     refuses such a JVP when it is lowered, so the check reads `f`'s jaxpr.)"""
     jaxpr = jax.make_jaxpr(FlatMap(f, z, False, True))(z).jaxpr
-    return not _calls_custom_vjp(jaxpr)
-
-
-def _calls_custom_vjp(jaxpr: Any) -> bool:
-    for eqn in jaxpr.eqns:
-        if "custom_vjp" in eqn.primitive.name:
-            return True
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns") and _calls_custom_vjp(inner):
-                    return True
-    return False
+    return not calls_custom_vjp(jaxpr)
 
 
 def sq_norms(u: Flat) -> Float[Array, " batch"]:
