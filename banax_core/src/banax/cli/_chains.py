@@ -45,15 +45,7 @@ from .._deq import DEQ
 from .._solution import BackwardStats, Result, Solution, Stats
 from ..nn import Graph, GraphCell
 from . import _training
-from ._common import (
-    EXTRA,
-    NEEDS,
-    PLOT_NEEDS,
-    adjoint_or_complaint,
-    fail,
-    missing,
-    missing_directory,
-)
+from ._common import adjoint_or_complaint, fail, missing_directory, needs_complaint
 
 MODELS = {"deq": ("deq",), "gcn": ("gcn",), "unrolled": ("unrolled",),
           "both": ("deq", "gcn"), "all": ("deq", "gcn", "unrolled")}
@@ -236,9 +228,9 @@ def parameter_count(model: eqx.Module) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Train each model at each chain length; returns the process exit code."""
-    absent = missing(NEEDS | (PLOT_NEEDS if args.plot else {}))
-    if absent:
-        return fail(f"needs {', '.join(absent)}: {EXTRA}")
+    complaint = needs_complaint(args.plot)
+    if complaint is not None:
+        return complaint
     try:
         models, lengths = parse_model(args.model)
     except ValueError as error:

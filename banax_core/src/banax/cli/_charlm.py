@@ -40,15 +40,7 @@ from .._registry import REGISTRY, UnknownNameError
 from .._solution import BackwardStats, Result, Solution, Stats
 from ..nn import TransformerCell
 from . import _training
-from ._common import (
-    EXTRA,
-    NEEDS,
-    PLOT_NEEDS,
-    adjoint_or_complaint,
-    fail,
-    missing,
-    missing_directory,
-)
+from ._common import adjoint_or_complaint, fail, missing_directory, needs_complaint
 
 MODELS = ("deq", "unrolled", "explicit")
 LENGTH = 64
@@ -294,9 +286,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model not in (*MODELS, "all"):
         return fail(f"--model for --task charlm must be one of {', '.join(MODELS)} or "
                     f"all, got {args.model!r}")
-    absent = missing(NEEDS | (PLOT_NEEDS if args.plot else {}))
-    if absent:
-        return fail(f"needs {', '.join(absent)}: {EXTRA}")
+    complaint = needs_complaint(args.plot)
+    if complaint is not None:
+        return complaint
     for name in ("epochs", "batch_size", "width"):
         if getattr(args, name) < 1:
             return fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

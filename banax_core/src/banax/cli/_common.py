@@ -35,6 +35,13 @@ def fail(message: str) -> int:
     return 2
 
 
+def needs_complaint(plot: str | None, needs: dict[str, str] | None = None) -> int | None:
+    """The exit code 2, after one line naming what to install, when `NEEDS`, `needs`
+    or (given a `--plot` path) `PLOT_NEEDS` do not all import; else None."""
+    absent = missing(NEEDS | (needs or {}) | (PLOT_NEEDS if plot else {}))
+    return fail(f"needs {', '.join(absent)}: {EXTRA}") if absent else None
+
+
 def missing_directory(option: str, path: str | None) -> str | None:
     """The one-line complaint when `path`'s directory does not exist, else None.
 

