@@ -53,7 +53,6 @@ timing, the tables) is `banax.benchmark`, for scripts that measure the same way.
 import argparse
 import importlib
 import json
-import os
 from typing import Any
 
 import jax.numpy as jnp
@@ -80,6 +79,8 @@ from banax.benchmark import (
     solver_table,
     targets,
 )
+
+from ._common import missing_directory
 
 TASKS = ("solvers", "adjoints", "mnist", "cells")
 
@@ -168,13 +169,6 @@ def _error(message: str) -> int:
     return 2
 
 
-def _missing_directory(option: str, path: str | None) -> str | None:
-    directory = os.path.dirname(os.path.abspath(path)) if path is not None else ""
-    if path is None or os.path.isdir(directory):
-        return None
-    return f"{option} {path}: the directory {directory} does not exist; create it first."
-
-
 def _load_pyplot() -> Any:
     """`matplotlib.pyplot` on a file backend, or None when matplotlib is missing."""
     try:
@@ -206,14 +200,14 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "solvers" and args.adjoints is not None:
         return _error("--task solvers compares solvers; drop --adjoints, or use "
                       "--task adjoints.")
-    issue = _missing_directory("--json", args.json)
+    issue = missing_directory("--json", args.json)
     if issue:
         return _error(issue)
     if args.task == "mnist":
         return _run_mnist(args)
     if args.task == "cells":
         return _run_cells(args)
-    issue = _missing_directory("--plot", args.plot)
+    issue = missing_directory("--plot", args.plot)
     if issue:
         return _error(issue)
     if args.task == "adjoints" and args.adjoints is None:
