@@ -110,3 +110,20 @@ def test_bad_input_is_one_line_before_any_work(capsys, args, words):
     assert main(["demo", "--task", "charlm", *args]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1, err
+
+
+def test_the_default_adjoint_is_jfb_for_charlm_and_implicit_elsewhere():
+    from banax.adjoint import JFB, Implicit
+    from banax.cli import build_parser, demo
+    from banax.cli._common import build_adjoint
+
+    parser = build_parser()
+    charlm = _charlm.resolve_defaults(parser.parse_args(["demo", "--task", "charlm"]))
+    assert isinstance(build_adjoint(charlm), JFB)
+    chosen = _charlm.resolve_defaults(parser.parse_args(
+        ["demo", "--task", "charlm", "--adjoint", "implicit"]))
+    adjoint = build_adjoint(chosen)
+    assert isinstance(adjoint, Implicit)
+    assert type(adjoint.b_solver).__name__ == "Picard"  # charlm's backward default
+    classify = demo.resolve_defaults(parser.parse_args(["demo"]))
+    assert isinstance(build_adjoint(classify), Implicit)

@@ -249,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
         options = [("max_steps", solve_steps(length)), ("rtol", 0.0), ("atol", 0.0),
                    *args.solver_option]
         adjoint = adjoint_or_complaint(
-            argparse.Namespace(**{**vars(args), "solver_option": options}), "picard")
+            argparse.Namespace(**{**vars(args), "solver_option": options,
+                                  "adjoint": args.adjoint or "implicit"}), "picard")
         if isinstance(adjoint, int):
             return adjoint
         for model in models:

@@ -68,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="KEY=VALUE",
                         help="solver option, value as a Python literal (repeatable), "
                              "e.g. --solver-option depth=4")
-    parser.add_argument("--adjoint", default="implicit",
-                        help="registered adjoint name (default: implicit)")
+    parser.add_argument("--adjoint", default=None,
+                        help="registered adjoint name (default: implicit; jfb for "
+                        "--task charlm)")
     parser.add_argument("--adjoint-option", type=_option, action="append", default=[],
                         metavar="KEY=VALUE",
                         help="adjoint option (repeatable), e.g. --adjoint-option "
@@ -160,7 +161,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     filled = {k: defaults[k] if getattr(args, k) is None else getattr(args, k)
               for k in ("epochs", "batch_size", "width")}
     options = [*defaults["solver"].items(), *args.solver_option]
-    return argparse.Namespace(**{**vars(args), **filled, "solver_option": options})
+    return argparse.Namespace(**{**vars(args), **filled, "solver_option": options,
+                                 "adjoint": args.adjoint or "implicit"})
 
 
 def run(args: argparse.Namespace) -> int:
