@@ -23,7 +23,7 @@ def run_on_8_devices(script: str) -> subprocess.CompletedProcess:
     # The device count is fixed when JAX starts, hence a fresh interpreter.
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join(
             [str(HERE.parent), str(BENCHMARKS), os.environ.get("PYTHONPATH", "")]),

@@ -180,6 +180,51 @@ def test_gradients_against_the_dense_implicit_function_theorem(solved, name):
     _close(grads(cell, x), truth, rtol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["neumann_phantom", "unroll_phantom", "reversible", "gdeq"])
+def test_the_other_adjoints_against_their_closed_forms(solved, name):
+    """At the float64 fixed point: both phantoms give λ = Σ_{k<K} (Jᵀ)^k c with K = 4
+    Picard steps; the reversible adjoint (exact BPTT through a converged reversible
+    iteration) gives the implicit gradient; GDEQ's low-rank inverse from Broyden's
+    forward solve is closer to the implicit gradient than JFB's λ = c."""
+    cell, x, z, _ = solved
+    c = tuple(_normal(20 + i, a.shape) for i, a in enumerate(z))
+    flat, unravel = ravel_pytree(z)
+    J = np.asarray(jax.jacrev(lambda f: ravel_pytree(cell(unravel(f), x))[0])(flat))
+    cf = np.asarray(ravel_pytree(c)[0])
+    _, pullback = eqx.filter_vjp(lambda args: args[0](z, args[1]), (cell, x))
+
+    def through(lam):
+        return pullback(unravel(jnp.asarray(lam)))[0]
+
+    if name in ("neumann_phantom", "unroll_phantom"):
+        lam, term = np.zeros_like(cf), cf
+        for _ in range(4):
+            lam, term = lam + term, J.T @ term
+        adjoint = banax.get_adjoint(name, solver=_solver(),
+                                    b_solver=banax.get_solver("picard", max_steps=4))
+    elif name == "reversible":
+        lam = np.linalg.solve(np.eye(len(cf)) - J.T, cf)
+        adjoint = banax.get_adjoint(name, solver=_solver(name="reversible", damp=0.5))
+    else:
+        adjoint = banax.get_adjoint(name, solver=_solver(name="broyden"))
+
+    @eqx.filter_jit
+    def grads(cell, x):
+        def loss(args):
+            out = banax.DEQ(args[0], adjoint=adjoint)(args[1])
+            return sum(jnp.sum(ci * o) for ci, o in zip(c, out))
+        return eqx.filter_grad(loss)((cell, x))
+
+    ours = grads(cell, x)
+    if name != "gdeq":
+        _close(ours, through(lam), rtol=1e-6)
+        return
+    truth = ravel_pytree(through(np.linalg.solve(np.eye(len(cf)) - J.T, cf)))[0]
+    gdeq_error = np.linalg.norm(ravel_pytree(ours)[0] - truth)
+    jfb_error = np.linalg.norm(ravel_pytree(through(cf))[0] - truth)
+    assert gdeq_error < 0.5 * jfb_error, (gdeq_error, jfb_error)
+
+
 def test_batch_mode_per_sample_and_vmap_agree(solved):
     cell, x, z, _ = solved
     single = banax.DEQ(cell, solver=_solver(batch_axis=None))
