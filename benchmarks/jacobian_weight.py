@@ -1,8 +1,9 @@
-"""The Jacobian penalty's weight on a conv cell: its effect on solver steps and accuracy.
+"""The Jacobian penalty's weight on an MNIST DEQ: its effect on solver steps and accuracy.
 
-Trains the model of `banax demo --data mnist` (strided stem, `banax.nn.ConvCell` at
-7×7, linear head; Anderson in batch mode, rtol 1e-3, at most 20 steps, the implicit
-adjoint with the same Anderson settings backwards) with the loss
+Trains a model of `banax demo --data mnist` (`--model conv`: strided stem,
+`banax.nn.ConvCell` at 7×7, linear head; `--model multiscale`: `banax.nn.MultiscaleCell`
+at 14×14 and 7×7, `banax.nn.MultiscaleHead`; Anderson in batch mode, rtol 1e-3, at most
+20 steps, the implicit adjoint with the same Anderson settings backwards) with the loss
 
     cross-entropy + weight · mean over the batch of ‖J‖²_F / d
 
@@ -18,6 +19,8 @@ times compare like with like.
 
     uv run python benchmarks/jacobian_weight.py                       # weights 0, 0.1, 0.5
     uv run python benchmarks/jacobian_weight.py --n-train 4000 --epochs 5   # the demo's size
+    uv run python benchmarks/jacobian_weight.py --model multiscale --n-train 4000 \
+        --epochs 5 --weights 0,0.5,2 --unrolled 12
 """
 
 import argparse
@@ -40,7 +43,7 @@ def _make_step(optimizer, weight: float):
             model, probe = model_and_probe
             inject = model.inject(x)
             z, sol = model.deq(inject, backward_probe=probe, return_solution=True)
-            logits = jax.vmap(model.head)(z.reshape(z.shape[0], -1))
+            logits = model.logits(z)
             loss = _training.cross_entropy(logits, y)
             penalty = hutchinson_jacobian_frobenius(model.deq.f_spec(inject), z, key=key,
                                                     batch_axis=0)
@@ -74,7 +77,10 @@ def run(weight: float, data, args, unrolled: int = 0) -> dict[str, float]:
     solver = banax.get_solver("anderson", batch_axis=0, rtol=1e-3, max_steps=20)
     adjoint = banax.get_adjoint("implicit", solver=solver, b_solver=solver,
                                 on_failure="ignore")
-    model = _mnist.MnistDEQ(adjoint, args.channels, key=jax.random.key(args.seed))
+    if args.model == "conv":
+        model = _mnist.MnistDEQ(adjoint, args.channels, key=jax.random.key(args.seed))
+    else:
+        model = _mnist.MnistMDEQ(adjoint, key=jax.random.key(args.seed))
     if unrolled:
         # The same model and parameters, the cell applied `unrolled` times from zero
         # and backpropagated: the weight-tied explicit baseline.
@@ -115,18 +121,20 @@ def run(weight: float, data, args, unrolled: int = 0) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=tuple(_mnist.MODELS), default="conv")
     parser.add_argument("--weights", default="0,0.1,0.5")
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--channels", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=32, help="the conv model's")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unrolled", type=int, default=8,
                         help="also train the cell unrolled this many times (0: not)")
     args = parser.parse_args()
     data = _mnist.load(args.n_train, args.n_test, seed=args.seed)
-    print(f"{args.n_train} training / {args.n_test} test images, {args.channels} channels, "
+    size = f"{args.channels} channels" if args.model == "conv" else "channels (16, 20)"
+    print(f"--model {args.model}: {args.n_train} training / {args.n_test} test images, {size}, "
           f"{args.epochs} epochs, batch {args.batch}, seed {args.seed}")
     print("| weight | forward steps | forward at max_steps | backward steps | backward "
           "unconverged | ‖J‖²_F/d | test-set steps | test at max_steps | test accuracy "

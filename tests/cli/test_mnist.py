@@ -6,6 +6,7 @@ import sys
 
 import equinox as eqx
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -81,6 +82,45 @@ def test_training_lowers_the_loss_and_reports_both_solves(small, optax_promotion
     # Anderson from zero: the median residual ends far below where it starts.
     median = np.median(residuals, axis=0)
     assert median[-1] < 0.1 * median[0]
+
+
+def _tiny_mdeq(weight: float) -> _mnist.MnistMDEQ:
+    solver = {"name": "anderson", "batch_axis": 0, "rtol": 1e-3, "max_steps": 10}
+    adjoint = banax.get_adjoint("implicit", solver=solver, b_solver=solver,
+                                on_failure="ignore")
+    return _mnist.MnistMDEQ(adjoint, (4, 4), jacobian_weight=weight, key=jax.random.key(0))
+
+
+def test_multiscale_penalty_adds_weight_times_the_dense_jacobian_norm(small):
+    """The loss's penalty term, averaged over probes, against ‖∂f/∂z‖²_F / d from the
+    dense Jacobian of the cell at the solve's `z*`."""
+    weight = 0.5
+    model = _tiny_mdeq(weight)
+    x, y = jnp.asarray(small.x_train[:1]), jnp.asarray(small.y_train[:1])
+    inject = model.inject(x)
+    z = model.deq(inject)
+    cross_entropy = _training.cross_entropy(model.logits(z), y)
+
+    flat, unflatten = jax.flatten_util.ravel_pytree(z)
+    dense = jax.jacrev(lambda v: jax.flatten_util.ravel_pytree(
+        model.deq.cell(unflatten(v), inject))[0])(flat)
+    expected = float(jnp.sum(dense**2)) / flat.size
+
+    loss = eqx.filter_jit(lambda m, k: _training.loss_and_solution(m, None, x, y, k)[0])
+    terms = [(float(loss(model, jax.random.key(i))) - float(cross_entropy)) / weight
+             for i in range(16)]
+    assert np.mean(terms) == pytest.approx(expected, rel=0.1)
+    assert np.std(terms) > 0  # a random probe, not the exact norm
+
+
+def test_the_multiscale_penalty_refuses_bad_settings(small):
+    with pytest.raises(ValueError, match="jacobian_weight must be >= 0.*got -1"):
+        _tiny_mdeq(-1.0)
+    x, y = jnp.asarray(small.x_train[:1]), jnp.asarray(small.y_train[:1])
+    with pytest.raises(ValueError, match="jacobian_weight is 0.5.*needs a key"):
+        _training.loss_and_solution(_tiny_mdeq(0.5), None, x, y)
+    # A model without a penalty needs no key.
+    assert _training.jacobian_weight(_tiny_mdeq(0.0)) == 0.0
 
 
 @pytest.mark.slow

@@ -6,6 +6,14 @@ returning `(logits, solution)`. Each step reports the forward solve's statistics
 its `Solution` and the backward solve's from a `banax.BackwardStats` probe, all inside
 the one compiled step, and skips its update when the batch poisoned it (a diverged
 forward solve or a non-finite loss or gradient: `banax.step_failed`, `banax.skip_if`).
+
+A model may also carry a Jacobian penalty: a positive float `jacobian_weight` (a static
+field) and `logits(z)`, the head on the equilibrium state. Its loss is then
+
+    cross-entropy + jacobian_weight · mean over the batch of ‖∂f/∂z‖²_F / d
+
+at `z*` (`banax.regularization.hutchinson_jacobian_frobenius`, one Rademacher probe per
+step), which keeps the cell contractive as it trains, so both solves stay short.
 """
 
 import dataclasses
@@ -17,7 +25,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._failures import skip_if, step_failed
 from .._solution import BackwardStats, Result
@@ -47,15 +55,35 @@ def cross_entropy(logits: Float[Array, "*n classes"], labels: Int[Array, "*n"]) 
     return -jnp.mean(jnp.take_along_axis(log_p, labels[..., None], axis=-1))
 
 
-def loss_and_solution(model: Any, probe: BackwardStats, x: Array, y: Array) -> Any:
+def jacobian_weight(model: Any) -> float:
+    """The model's Jacobian penalty weight (0 for a model without one)."""
+    return getattr(model, "jacobian_weight", 0.0)
+
+
+def loss_and_solution(model: Any, probe: BackwardStats, x: Array, y: Array,
+                      key: PRNGKeyArray | None = None) -> Any:
     """The loss and the forward solve's `Solution`; differentiate with respect to
-    `probe` too to receive the backward solve's `BackwardStats`."""
-    logits, solution = model(x, backward_probe=probe)
-    return cross_entropy(logits, y), solution
+    `probe` too to receive the backward solve's `BackwardStats`. `key` draws the
+    Jacobian penalty's probe; required when the model has a penalty."""
+    weight = jacobian_weight(model)
+    if not weight:
+        logits, solution = model(x, backward_probe=probe)
+        return cross_entropy(logits, y), solution
+    if key is None:
+        raise ValueError(f"the model's jacobian_weight is {weight}, so the loss needs a "
+                         "key for the penalty's probe; pass key=jax.random.key(...)")
+    from ..regularization import hutchinson_jacobian_frobenius
+
+    inject = model.inject(x)
+    z, solution = model.deq(inject, backward_probe=probe, return_solution=True)
+    penalty = hutchinson_jacobian_frobenius(model.deq.f_spec(inject), z, key=key,
+                                            batch_axis=0)
+    return cross_entropy(model.logits(z), y) + weight * jnp.mean(penalty), solution
 
 
 def make_train_step(optimizer: Any) -> Callable[..., Any]:
-    """`step(model, opt_state, x, y) -> (model, opt_state, metrics)`, compiled.
+    """`step(model, opt_state, x, y, key=None) -> (model, opt_state, metrics)`, compiled;
+    `key` (the Jacobian penalty's probe) only for a model with a penalty.
 
     `metrics`: the batch loss; the batch means of the forward solve's steps and
     residual `‖f(z) − z‖` and of the backward solve's; and the fraction of samples
@@ -64,10 +92,10 @@ def make_train_step(optimizer: Any) -> Callable[..., Any]:
     """
 
     @eqx.filter_jit
-    def step(model, opt_state, x, y):
+    def step(model, opt_state, x, y, key=None):
         probe = BackwardStats.probe(batch_size=x.shape[0])
         grad_fn = eqx.filter_value_and_grad(
-            lambda mp: loss_and_solution(mp[0], mp[1], x, y), has_aux=True
+            lambda mp: loss_and_solution(mp[0], mp[1], x, y, key), has_aux=True
         )
         (loss, solution), (grads, backward) = grad_fn((model, probe))
         stats = solution.stats
@@ -152,6 +180,8 @@ def train(
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     step = make_train_step(optimizer)
     rng = np.random.default_rng(seed)
+    # The penalty's probes, one key per step (only drawn for a model with a penalty).
+    key = jax.random.key(seed + 1) if jacobian_weight(model) else None
     steps_per_epoch = len(data.y_train) // batch
     history: list[Epoch] = []
     wall = cpu = 0.0
@@ -159,7 +189,10 @@ def train(
         totals: dict[str, float] = {}
         start, start_cpu = time.perf_counter(), time.process_time()
         for x, y in _batches(data, batch, rng, augment):
-            model, opt_state, metrics = step(model, opt_state, x, y)
+            step_key = None
+            if key is not None:
+                key, step_key = jax.random.split(key)
+            model, opt_state, metrics = step(model, opt_state, x, y, step_key)
             for name, value in jax.device_get(metrics).items():
                 totals[name] = totals.get(name, 0.0) + float(value)
             on_step()
