@@ -5,6 +5,7 @@ the call. These tests fail if the hook is off or installed after banax was impor
 import jax.numpy as jnp
 import jaxtyping
 import pytest
+from annotation_checker import without_annotation_checks
 
 from banax.nn import group_norm
 
@@ -25,3 +26,13 @@ def test_a_dtype_that_contradicts_the_annotation_raises():
 def test_a_matching_call_passes():
     out = group_norm(jnp.ones((2, 5, 4)), 2, jnp.ones(4), jnp.zeros(4))
     assert out.shape == (2, 5, 4)
+
+
+def test_the_checks_can_be_turned_off_for_a_block_and_come_back():
+    x, wrong = jnp.ones((2, 5, 4)), jnp.ones(3)
+    with without_annotation_checks():
+        # banax's own arithmetic now meets the wrong shape (strict rank promotion).
+        with pytest.raises(ValueError):
+            group_norm(x, 2, wrong, jnp.zeros(4))
+    with pytest.raises(jaxtyping.TypeCheckError):
+        group_norm(x, 2, wrong, jnp.zeros(4))

@@ -11,6 +11,7 @@ import banax
 from banax.extend import (
     AbstractLinearSolveAdjoint,
     AbstractSolver,
+    FlagOption,
     FlatSolution,
     LowRankInverseJacobian,
     check_flag,
@@ -85,7 +86,7 @@ class Implicit(AbstractLinearSolveAdjoint):
 
     solver: AbstractSolver
     b_solver: AbstractSolver | lx.AbstractLinearSolver = None  # type: ignore[assignment]
-    warm_start: bool = eqx.field(default=False, kw_only=True)
+    warm_start: FlagOption = eqx.field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.b_solver is None and isinstance(self.solver, AbstractSolver):

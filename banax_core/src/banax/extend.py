@@ -21,6 +21,9 @@ from ._numerics import (
     working_dtype,
 )
 from ._options import (
+    FlagOption,
+    IntOption,
+    RealOption,
     check_choice,
     check_flag,
     check_integer,
@@ -44,8 +47,8 @@ from .hookspecs import hookimpl
 __all__ = [
     "AbstractAdjoint", "AbstractBackwardRuleAdjoint", "AbstractIterativeSolver",
     "AbstractLinearSolveAdjoint", "AbstractSolveCombinator", "AbstractSolver",
-    "BoundFunction", "FlatSolution", "FlatState", "InvertibleStep",
-    "LowRankInverseJacobian", "Problem", "TracedFunction",
+    "BoundFunction", "FlagOption", "FlatSolution", "FlatState", "IntOption", "InvertibleStep",
+    "LowRankInverseJacobian", "Problem", "RealOption", "TracedFunction",
     "as_solver", "bind", "check_choice", "check_flag", "check_integer", "check_options",
     "check_real", "hookimpl", "key_shape", "make_problem", "normalise_options",
     "residual_norms", "solve", "solve_flat", "squared_norms", "stats_dtype",
