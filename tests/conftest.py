@@ -26,6 +26,13 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+def pytest_configure(config):
+    """A plugin that fails to load fails the test that loaded it. The filter names banax's class
+    only here, after jaxtyping's import hook (pyproject's `--jaxtyping-packages`) is installed:
+    pytest resolves it, importing banax, when it collects, so banax is imported instrumented."""
+    config.addinivalue_line("filterwarnings", "error::banax.BanaxPluginWarning")
+
+
 def pytest_collection_modifyitems(config, items):
     """The slow end-to-end tests first, so that under xdist they overlap the many short
     ones instead of trailing after them on one worker."""

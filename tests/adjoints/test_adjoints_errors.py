@@ -3,6 +3,7 @@ registry builds every adjoint by name, with nested solver specs."""
 
 import lineax as lx
 import pytest
+from annotation_checker import without_annotation_checks
 
 import banax
 from banax.adjoint import (
@@ -76,6 +77,7 @@ def test_bad_pairings_are_type_errors(name):
     ids=["reversible-keep-best", "implicit-b-solver-name", "jfb-not-a-solver",
          "unroll-b-solver-name", "neumann-damp", "on-failure"],
 )
+@without_annotation_checks()
 def test_bad_options_fail_at_construction(build, error, message):
     with pytest.raises(error) as raised:
         build()

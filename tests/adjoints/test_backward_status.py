@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import lineax as lx
 import pytest
+from annotation_checker import without_annotation_checks
 
 import banax
 from banax import BackwardStats, Result
@@ -214,11 +215,13 @@ def test_the_backward_budget_lowers_the_phantom_terms():
     ],
     ids=["python-int", "jfb", "lineax"],
 )
+@without_annotation_checks()
 def test_bad_backward_budgets_fail_at_the_call(adjoint, budget, error, match):
     with pytest.raises(error, match=match):
         adjoint((_cell, (W, X[1])), jnp.zeros(N), backward_budget=budget)
 
 
+@without_annotation_checks()
 def test_a_probe_of_the_wrong_shape_or_type_fails_at_the_call():
     adjoint = Implicit(solver=_solver(batch_axis=0))
     with pytest.raises(ValueError, match=r"BackwardStats.probe\(batch_size=4\)"):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from annotation_checker import without_annotation_checks
 
 import banax
 from banax import trace_count, trace_history, trace_last, trace_last_aux
@@ -49,6 +50,7 @@ def test_bind_wraps_a_single_non_tuple_argument():
         ((lambda x: x, (), [1]), "third element of f_spec must be a dict"),
     ],
 )
+@without_annotation_checks()
 def test_malformed_fspec_is_a_type_error(f_spec, match):
     with pytest.raises(TypeError, match=match):
         SOLVE(f_spec, jnp.zeros(2))
@@ -66,6 +68,7 @@ def test_output_structure_shape_or_dtype_mismatch_is_caught_at_the_call():
         SOLVE(lambda x: (x, {"aux": x}), jnp.zeros(2))
 
 
+@without_annotation_checks()
 def test_has_aux_mismatch_and_bad_has_aux():
     with pytest.raises(TypeError, match="must return a pair"):
         SOLVE(lambda x: x, jnp.zeros(2), has_aux=True)
@@ -147,6 +150,7 @@ def test_trace_last_keeps_the_final_projection():
     assert jnp.allclose(sol.trace, W @ sol.value + B)
 
 
+@without_annotation_checks()
 def test_malformed_trace_is_caught_at_the_call():
     with pytest.raises(TypeError, match="trace must be a pair"):
         SOLVE(lambda x: x / 2, jnp.zeros(2), trace=trace_count)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from annotation_checker import without_annotation_checks
 
 import banax
 from banax import extend
@@ -40,6 +41,7 @@ class Restarted(extend.AbstractSolveCombinator):
         return eqx.tree_at(lambda s: s.stats, second, stats)
 
 
+@without_annotation_checks()
 def test_solve_runs_a_problem_and_a_flat_function_alike():
     solver = banax.get_solver("picard", rtol=0.0, atol=1e-10, max_steps=200)
     problem = extend.make_problem((affine, (W, B)), jnp.zeros(2), has_aux=False,
@@ -99,6 +101,7 @@ def test_key_shape(key, shape):
     assert extend.key_shape(key) == shape
 
 
+@without_annotation_checks()
 def test_a_single_key_is_the_same_rule_everywhere():
     keys = jax.random.split(jax.random.key(0), 2)
     with pytest.raises(TypeError, match="half_normal_like: key must be a single PRNG key"):
@@ -122,6 +125,7 @@ def test_inverse_jacobian_vjp_against_the_dense_matrix(dtype):
         assert np.allclose(np.asarray(out[b]), dense.T @ np.asarray(g[b]), rtol=1e-12)
 
 
+@without_annotation_checks()
 def test_a_solver_by_instance_name_or_dict():
     picard = banax.get_solver("picard", rtol=1e-3)
     assert extend.as_solver(picard, owner="Mine") is picard

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from annotation_checker import without_annotation_checks
 from hypothesis import given
 
 import banax
@@ -275,6 +276,7 @@ def test_trace_history_checks_the_value_shape_and_dtype():
 # --- utils and step budget ------------------------------------------------------------
 
 
+@without_annotation_checks()
 def test_pytree_helpers_name_the_bad_leaf_or_key():
     with pytest.raises(TypeError, match=r"zeros_like needs a pytree of arrays, but "
                                         r"tree\['a'\] is a str"):

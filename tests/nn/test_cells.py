@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from annotation_checker import without_annotation_checks
 
 import banax
 from banax import nn
@@ -106,6 +107,7 @@ def test_conv2d_gradients_compile_to_canonical_convolutions():
      ((2, 5, 6, 3), (3, 3, 2, 4), "the same C_in"),
      ((2, 5, 6, 3), (2, 2, 3, 4), r"kernel size must be odd.*\(2, 2\)")],
 )
+@without_annotation_checks()
 def test_conv2d_bad_shapes(x_shape, kernel_shape, message):
     with pytest.raises(ValueError, match=f"conv2d: .*{message}"):
         nn.conv2d(jnp.ones(x_shape), jnp.ones(kernel_shape))
@@ -170,6 +172,7 @@ def test_mlp_cell_matches_equinox_and_starts_contractive():
      ({"groups": 2, "kernel_size": 4}, ValueError, "kernel_size must be odd.*got 4"),
      ({"groups": 0}, TypeError, "groups must be an int >= 1, got 0")],
 )
+@without_annotation_checks()
 def test_conv_cell_bad_construction(kwargs, error, message):
     with pytest.raises(error, match=f"ConvCell: {message}"):
         nn.ConvCell(4, 3, key=jax.random.key(0), **kwargs)
@@ -189,12 +192,14 @@ def test_conv_cell_image_that_does_not_fit(z_shape, x_shape, message):
         cell(jnp.ones(z_shape), jnp.ones(x_shape))
 
 
+@without_annotation_checks()
 def test_deq_reports_a_bad_image_in_one_line():
     deq = banax.DEQ(_conv_cell(jnp.float64), solver="picard", state_shape=(6, 6, 4))
     with pytest.raises(ValueError, match=r"DEQ: the cell failed .*ConvCell: x must be"):
         deq(jnp.ones((6, 6, 5)))
 
 
+@without_annotation_checks()
 def test_mlp_cell_bad_shapes():
     cell = nn.MLPCell(5, 3, key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"MLPCell: z must be \(5,\) or \(N, 5\).*got z of "
@@ -336,6 +341,7 @@ def test_conv1d_and_conv3d_and_their_vjps_match_lax(dims, conv, k):
     _close(ours, theirs, jnp.float64)
 
 
+@without_annotation_checks()
 def test_conv_bad_rank():
     with pytest.raises(ValueError, match=r"conv1d: x must be \(N, L, C_in\)"):
         nn.conv1d(jnp.ones((2, 5, 6, 3)), jnp.ones((3, 3, 4)))
@@ -374,6 +380,7 @@ def test_conv_cell_on_sequences_and_volumes(dims, spatial):
 # -- wrong rank ----------------------------------------------------------------------------
 
 
+@without_annotation_checks()
 def test_batch_of_sequences_to_the_image_cell_is_refused():
     """(N, L, C) read as one image would mix the samples in the convolutions and group
     norms; in batch mode the 2-D cell refuses it, naming the layout and the 1-D cell."""
@@ -389,6 +396,7 @@ def test_batch_of_sequences_to_the_image_cell_is_refused():
         single(jnp.ones((9, 3)))
 
 
+@without_annotation_checks()
 def test_mlp_cell_refuses_the_wrong_rank():
     deq = banax.DEQ(nn.MLPCell(5, 3, key=jax.random.key(0)),
                     solver=banax.get_solver("picard", batch_axis=0))

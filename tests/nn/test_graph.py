@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from annotation_checker import without_annotation_checks
 from jax.experimental import sparse
 
 import banax
@@ -267,6 +268,7 @@ def test_zero_state_lets_the_deq_run_without_state_shape(graph64):
 # -- bad input: one line each, naming the argument and the fix -------------------------
 
 
+@without_annotation_checks()
 def test_bad_adjacencies():
     with pytest.raises(TypeError, match="adjacency must be a jax.experimental.sparse.BCOO"):
         Graph(jnp.eye(3))
@@ -289,6 +291,7 @@ def test_bad_adjacencies():
         Graph.stack([Graph.from_edges([0], [1], 2), Graph.from_edges([0], [1], 3)])
 
 
+@without_annotation_checks()
 def test_bad_cell_arguments_and_calls(graph64):
     graph, _ = graph64
     for kappa in (0.0, 1.0, 1.5, -0.1):

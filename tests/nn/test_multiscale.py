@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from annotation_checker import without_annotation_checks
 from jax.flatten_util import ravel_pytree
 
 import banax
@@ -335,6 +336,7 @@ def test_a_state_or_input_that_does_not_fit():
         cell(cell.zero_state(x), jnp.ones((2, 8, 8, 5)))
 
 
+@without_annotation_checks()
 def test_wrong_rank_in_batch_mode_is_refused():
     """A single image given to a batch-mode layer would be solved as a batch of rows."""
     deq = banax.DEQ(_cell(), solver=_solver())

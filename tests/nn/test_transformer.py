@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from annotation_checker import without_annotation_checks
 
 import banax
 from banax import nn
@@ -208,6 +209,7 @@ def test_implicit_gradient_matches_dense_ift():
     ({"max_length": 2.5}, TypeError, ["max_length must be an int >= 1"]),
     ({"dropout": 1.0}, ValueError, ["dropout must be a rate in [0, 1)", "1.0"]),
 ])
+@without_annotation_checks()
 def test_bad_construction(kwargs, error, words):
     args = {"dim": DIM, "heads": HEADS, "hidden": HIDDEN, "max_length": MAX_LENGTH} | kwargs
     with pytest.raises(error) as info:
@@ -215,6 +217,7 @@ def test_bad_construction(kwargs, error, words):
     assert all(w in str(info.value) for w in words), str(info.value)
 
 
+@without_annotation_checks()
 def test_bad_calls(inputs):
     cell = _cell()
     z, x, memory = inputs

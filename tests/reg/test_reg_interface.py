@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from annotation_checker import without_annotation_checks
 
 import banax
 from banax_reg import denoising_energy, hutchinson_jacobian_frobenius, jacobian_spectral_norm
@@ -174,6 +175,7 @@ def test_registered_with_banax():
 
 
 @pytest.mark.parametrize("reg", REGULARIZERS, ids=NAMES)
+@without_annotation_checks()
 def test_missing_or_invalid_key(reg_env, reg):
     x = jnp.ones(3)
     with pytest.raises(TypeError, match=f"{reg.__name__}.*'key'"):
@@ -208,6 +210,7 @@ def test_legacy_keys_and_numpy_n_steps_are_accepted(reg_env, linear_problem):
      (2.0, TypeError, "Python int"), (True, TypeError, "Python int"),
      (jnp.array(3), TypeError, "Python int")],
 )
+@without_annotation_checks()
 def test_invalid_n_steps(reg_env, reg, n_steps, error, message):
     with pytest.raises(error, match=f"{reg.__name__}: n_steps .*{message}"):
         reg(jnp.tanh, jnp.ones(3), key=reg_env.KEY, n_steps=n_steps)
@@ -218,6 +221,7 @@ def test_invalid_n_steps(reg_env, reg, n_steps, error, message):
     [(-0.1, ">= 0, got -0.1"), (float("nan"), ">= 0, got nan"),
      (jnp.ones(2), r"scalar, got shape \(2,\)")],
 )
+@without_annotation_checks()
 def test_invalid_sigma(reg_env, sigma, message):
     with pytest.raises(ValueError, match=f"sigma.*{message}"):
         DENOISING(jnp.tanh, jnp.ones(3), key=reg_env.KEY, sigma=sigma)
@@ -240,6 +244,7 @@ def test_invalid_sigma(reg_env, sigma, message):
     ids=["wrong_output", "malformed_fspec", "not_callable", "integer_state",
          "complex_state", "bad_batch_axis"],
 )
+@without_annotation_checks()
 def test_bad_calls_are_explained(reg_env, reg, f_spec, x, error, message):
     batch_axis = 2 if "batch_axis" in message else None
     with pytest.raises(error, match=f"{reg.__name__}: .*{message}"):

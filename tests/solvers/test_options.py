@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from annotation_checker import without_annotation_checks
 from hypothesis import given
 
 import banax
@@ -105,6 +106,7 @@ BAD = [
 
 @pytest.mark.parametrize("name, option, value, error, hint", BAD,
                          ids=[f"{n}-{o}={v!r}" for n, o, v, _, _ in BAD])
+@without_annotation_checks()
 def test_bad_options_fail_at_construction(name, option, value, error, hint):
     with pytest.raises(error) as info:
         banax.get_solver(name, **{option: value})
@@ -116,6 +118,7 @@ def test_bad_options_fail_at_construction(name, option, value, error, hint):
 
 @pytest.mark.parametrize("name, option", [("picard", "atol"), ("anderson", "damp"),
                                           ("broyden", "max_steps")])
+@without_annotation_checks()
 def test_jax_arrays_are_refused_as_options(name, option):
     value = jnp.asarray(1 if option == "max_steps" else 0.5)
     with pytest.raises(TypeError, match=f"{option} must be a Python .*compile-time"):
@@ -181,7 +184,8 @@ def test_tolerances_accept_exactly_the_finite_non_negative_numbers(value):
             np_value = np.float64(value)
             assert getattr(banax.get_solver("picard", **{option: np_value}), option) == value
         else:
-            with pytest.raises((TypeError, ValueError), match=f"Picard: {option} must be"):
+            with without_annotation_checks(), pytest.raises(
+                    (TypeError, ValueError), match=f"Picard: {option} must be"):
                 banax.get_solver("picard", **{option: value})
 
 

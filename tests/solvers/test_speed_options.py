@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from annotation_checker import without_annotation_checks
 
 import banax
 from banax import Result
@@ -137,6 +138,7 @@ def test_check_every_gives_the_same_gradient_through_a_bounded_loop(problem):
     (2.0, TypeError, "check_every must be an int >= 1, got 2.0"),
     (True, TypeError, "(a bool)"),
 ])
+@without_annotation_checks()
 def test_check_every_must_be_a_positive_int(value, error, words):
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
         banax.get_solver("picard", check_every=value)
@@ -189,6 +191,7 @@ def test_warm_start_starts_the_backward_solve_from_the_low_rank_estimate():
     assert not np.allclose(g, exact, rtol=1e-3)
 
 
+@without_annotation_checks()
 def test_warm_start_must_be_a_flag():
     solver = banax.get_solver("broyden")
     with pytest.raises(TypeError, match="warm_start must be True or False"):

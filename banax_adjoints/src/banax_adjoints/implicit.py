@@ -11,6 +11,7 @@ import banax
 from banax.extend import (
     AbstractLinearSolveAdjoint,
     AbstractSolver,
+    FlagOption,
     FlatSolution,
     LowRankInverseJacobian,
     check_flag,
@@ -84,8 +85,8 @@ class Implicit(AbstractLinearSolveAdjoint):
     """
 
     solver: AbstractSolver
-    b_solver: AbstractSolver | lx.AbstractLinearSolver = None  # type: ignore[assignment]
-    warm_start: bool = eqx.field(default=False, kw_only=True)
+    b_solver: AbstractSolver | lx.AbstractLinearSolver | None = None
+    warm_start: FlagOption = eqx.field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.b_solver is None and isinstance(self.solver, AbstractSolver):
@@ -127,6 +128,7 @@ class Implicit(AbstractLinearSolveAdjoint):
             lam0 = self._initial_guess(g, forward)
             sol = solve_flat(self.b_solver, lambda lam: g + vjp(lam), lam0, budget)
             return sol.z, banax.BackwardStats.from_flat(sol.result, sol.stats)
+        assert self.b_solver is not None  # filled in by __post_init__, checked at __check_init__
         # Complex states in real form: f's VJP may be only real-linear.
         vjp_r, g_r, back = real_form(vjp, g)
         operator = lx.FunctionLinearOperator(

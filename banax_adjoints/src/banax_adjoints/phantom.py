@@ -18,6 +18,7 @@ from typing import Any
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Int
 
 import banax
 from banax.extend import (
@@ -221,7 +222,7 @@ class NeumannPhantom(AbstractLinearSolveAdjoint):
         beta = self.damp
         terms = _terms(self.b_solver, budget)
 
-        def add_term(_: int, carry: tuple[jax.Array, jax.Array]) -> tuple:
+        def add_term(_: Int[Array, ""], carry: tuple[jax.Array, jax.Array]) -> tuple:
             term, total = carry
             term = (1 - beta) * term + beta * vjp(term)
             return term, total + term

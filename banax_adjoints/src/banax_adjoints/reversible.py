@@ -15,6 +15,7 @@ from banax.extend import (
     AbstractBackwardRuleAdjoint,
     AbstractSolver,
     FlatSolution,
+    IntOption,
     InvertibleStep,
     Problem,
     check_choice,
@@ -104,7 +105,7 @@ class Reversible(AbstractBackwardRuleAdjoint):
 
     solver: AbstractSolver
     mode: str = eqx.field(default="exact", kw_only=True)
-    checkpoints: int = eqx.field(default=16, kw_only=True)
+    checkpoints: IntOption = eqx.field(default=16, kw_only=True)
 
     backward_failure_advice = (
         "the backward pass could not rebuild the forward steps for some samples (the "

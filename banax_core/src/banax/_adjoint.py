@@ -27,7 +27,7 @@ from ._fspec import FSpec
 from ._layout import FlatState
 from ._loop import solve
 from ._numerics import check_step_budget
-from ._options import check_choice, check_options, normalise_options
+from ._options import FlagOption, check_choice, check_options, normalise_options
 from ._problem import Problem, make_problem, to_solution
 from ._solution import BackwardStats, FlatSolution, Solution
 from ._solver import AbstractSolver
@@ -112,7 +112,7 @@ class AbstractAdjoint(eqx.Module):
         self,
         f_spec: FSpec,
         x0: Any,
-        has_aux: bool = False,
+        has_aux: FlagOption = False,
         trace: tuple[Callable[..., Any], Any] | None = None,
         step_budget: Int[Array, ""] | None = None,
         *,

@@ -19,6 +19,7 @@ from ._fspec import FSpec, bind
 from ._keys import key_shape
 from ._layout import as_state
 from ._modes import check_inference_options, check_pretrain_steps, inference_adjoint, unrolled
+from ._options import IntOption
 from ._pytrees import describe, same_shapes, same_structure
 from ._registry import as_adjoint
 from ._solution import BackwardStats, Solution
@@ -159,7 +160,7 @@ class DEQ(eqx.Module):
         adjoint: Adjoint | ComponentSpec = "implicit",
         *,
         init: str | Callable[[Any], Any] = "zeros",
-        state_shape: int | tuple[int, ...] | None = None,
+        state_shape: IntOption | tuple[IntOption, ...] | None = None,
         check_independence: bool = False,
         inference_settings: dict[str, Any] | None = None,
         inference: bool = False,

@@ -8,7 +8,7 @@ import equinox as eqx
 FSpec: TypeAlias = (
     Callable[..., Any]
     | tuple[Callable[..., Any], Any]
-    | tuple[Callable[..., Any], tuple[Any, ...], Mapping[str, Any]]
+    | tuple[Callable[..., Any], Any, Mapping[str, Any]]
 )
 """A function `f(x, *args, **kwargs)` with its extra arguments.
 

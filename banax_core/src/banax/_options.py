@@ -21,11 +21,25 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import equinox as eqx
 import jax
 import numpy as np
+
+# The annotations of option fields. A constructor accepts a Python scalar or the NumPy scalar
+# a NumPy/YAML configuration gives, and that is what a run-time check of the annotations
+# (jaxtyping's import hook, on in the test suite) reads; a constructed module holds the equal
+# Python scalar (`normalise_options`), and that is what a static type checker reads, for the
+# code that uses the option. (`float` includes `int`, as everywhere in typing.)
+if TYPE_CHECKING:
+    IntOption: TypeAlias = int
+    RealOption: TypeAlias = float
+    FlagOption: TypeAlias = bool
+else:
+    IntOption: TypeAlias = int | np.integer
+    RealOption: TypeAlias = float | np.floating | np.integer
+    FlagOption: TypeAlias = bool | np.bool_
 
 
 def _owner(owner: Any) -> str:

@@ -15,6 +15,7 @@ from jaxtyping import Array, Int
 from ._fspec import BoundFunction, FSpec, bind
 from ._layout import FlatState, as_state, layout_of
 from ._numerics import check_step_budget
+from ._options import FlagOption
 from ._pytrees import describe, same_shapes, same_structure
 from ._solution import FlatSolution, Solution
 from ._trace import TracedFunction, check_trace
@@ -90,7 +91,7 @@ def make_problem(
     f_spec: FSpec,
     x0: Any,
     *,
-    has_aux: bool,
+    has_aux: FlagOption,
     trace: tuple[Callable[..., Any], Any] | None,
     step_budget: Any,
     batch_axis: int | None,

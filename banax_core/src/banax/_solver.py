@@ -19,7 +19,16 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Inexact, Int
 
 from ._layout import FlatState
-from ._options import check_choice, check_flag, check_integer, check_real, normalise_options
+from ._options import (
+    FlagOption,
+    IntOption,
+    RealOption,
+    check_choice,
+    check_flag,
+    check_integer,
+    check_real,
+    normalise_options,
+)
 from ._solution import FlatSolution
 
 LoopKind = Literal["lax", "bounded", "checkpointed"]
@@ -72,13 +81,13 @@ class AbstractSolver(eqx.Module):
     `|·|²`, with real float32/float64 statistics.
     """
 
-    atol: float = eqx.field(default=0.0, kw_only=True)
-    rtol: float = eqx.field(default=1e-5, kw_only=True)
-    max_steps: int = eqx.field(default=50, kw_only=True)
+    atol: RealOption = eqx.field(default=0.0, kw_only=True)
+    rtol: RealOption = eqx.field(default=1e-5, kw_only=True)
+    max_steps: IntOption = eqx.field(default=50, kw_only=True)
     loop_kind: LoopKind = eqx.field(default="lax", kw_only=True)
-    batch_axis: int | None = eqx.field(default=None, kw_only=True)
-    keep_best: bool = eqx.field(default=False, kw_only=True)
-    check_every: int = eqx.field(default=1, kw_only=True)
+    batch_axis: IntOption | None = eqx.field(default=None, kw_only=True)
+    keep_best: FlagOption = eqx.field(default=False, kw_only=True)
+    check_every: IntOption = eqx.field(default=1, kw_only=True)
 
     def __check_init__(self) -> None:
         # Runs after the subclasses' checks (Equinox walks the MRO from the subclass),

@@ -22,6 +22,9 @@ from ._numerics import (
     working_dtype,
 )
 from ._options import (
+    FlagOption,
+    IntOption,
+    RealOption,
     check_choice,
     check_flag,
     check_integer,
@@ -45,8 +48,8 @@ from .hookspecs import hookimpl
 __all__ = [
     "AbstractAdjoint", "AbstractBackwardRuleAdjoint", "AbstractIterativeSolver",
     "AbstractLinearSolveAdjoint", "AbstractSolveCombinator", "AbstractSolver",
-    "BoundFunction", "FlatSolution", "FlatState", "InvertibleStep",
-    "LowRankInverseJacobian", "Problem", "TracedFunction",
+    "BoundFunction", "FlagOption", "FlatSolution", "FlatState", "IntOption", "InvertibleStep",
+    "LowRankInverseJacobian", "Problem", "RealOption", "TracedFunction",
     "as_solver", "bind", "calls_custom_vjp", "check_choice", "check_flag", "check_integer",
     "check_options", "check_real", "hookimpl", "key_shape", "make_problem",
     "normalise_options", "residual_norms", "solve", "solve_flat", "squared_norms",

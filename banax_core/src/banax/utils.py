@@ -10,7 +10,7 @@ import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 from ._keys import key_shape
-from ._options import check_integer
+from ._options import IntOption, check_integer
 
 Projection = Callable[[Any, Any, Any], Any]
 """`(x, fx, f_aux) -> value`."""
@@ -35,7 +35,7 @@ def trace_last_aux(init: Any) -> tuple[Callable[..., Any], Any]:
 
 
 def trace_history(
-    project: Projection, n_evals: int, init_value: Any = 0.0
+    project: Projection, n_evals: IntOption, init_value: Any = 0.0
 ) -> tuple[Callable[..., Any], Any]:
     """Record `project(x, fx, f_aux)` at every evaluation into a buffer.
 

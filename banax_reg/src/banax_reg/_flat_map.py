@@ -27,6 +27,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from banax import FSpec
 from banax.extend import (
+    IntOption,
     TracedFunction,
     calls_custom_vjp,
     key_shape,
@@ -128,8 +129,8 @@ def _has_forward_mode(f: TracedFunction, z: Flat) -> bool:
     return not calls_custom_vjp(jaxpr)
 
 
-def sq_norms(u: Flat) -> Float[Array, " batch"]:
-    """Per-sample squared Euclidean norms."""
+def sq_norms(u: Float[Array, "*probes batch features"]) -> Float[Array, "*probes batch"]:
+    """Per-sample squared Euclidean norms (of each probe's state, given several)."""
     return jnp.sum(u * u, axis=-1)
 
 
@@ -163,7 +164,7 @@ def check_key(key: PRNGKeyArray | None, name: str) -> None:
         )
 
 
-def check_n_steps(n_steps: int, name: str, what: str) -> int:
+def check_n_steps(n_steps: IntOption, name: str, what: str) -> int:
     """Return `n_steps` as an int, rejecting anything but an integer >= 1 known at
     trace time (it sets an array shape or a loop length)."""
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)):

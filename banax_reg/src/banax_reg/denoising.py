@@ -10,6 +10,7 @@ from jax.core import Tracer
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from banax import FSpec
+from banax.extend import IntOption
 
 from ._flat_map import FlatMap, check_key, check_n_steps, flat_map, sq_norms
 
@@ -22,7 +23,7 @@ def denoising_energy(
     *,
     key: PRNGKeyArray,
     sigma: float | Float[ArrayLike, ""] = 0.1,
-    n_steps: int = 1,
+    n_steps: IntOption = 1,
     has_aux: bool = False,
     batch_axis: int | None = None,
 ) -> Float[Array, "*batch"]:

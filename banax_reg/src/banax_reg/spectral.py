@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from banax import FSpec
+from banax.extend import IntOption
 
 from ._flat_map import Flat, FlatMap, check_key, check_n_steps, flat_map, norms
 
@@ -19,7 +20,7 @@ def jacobian_spectral_norm(
     x_star: Any,
     *,
     key: PRNGKeyArray,
-    n_steps: int = 10,
+    n_steps: IntOption = 10,
     has_aux: bool = False,
     batch_axis: int | None = None,
 ) -> Float[Array, "*batch"]:

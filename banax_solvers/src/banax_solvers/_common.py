@@ -82,8 +82,8 @@ def history_combine(weights: Inexact[Array, "batch history"],
     return jnp.einsum("bm,bmn->bn", weights, history, precision=jax.lax.Precision.HIGHEST)
 
 
-def after(x: Float[Array, "batch features"], read: Float[Array, "batch k"]
-          ) -> Float[Array, "batch features"]:
+def after(x: Inexact[Array, "batch features"], read: Inexact[Array, "batch k"]
+          ) -> Inexact[Array, "batch features"]:
     """`x`, made to depend on `read` (a result of the step's last read of a history
     buffer) without changing its value.
 

@@ -1,5 +1,6 @@
 """Anderson acceleration (Anderson mixing) for fixed-point problems."""
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -8,7 +9,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Inexact, Int
 
 from banax import Solver
-from banax.extend import TracedFunction, working_dtype
+from banax.extend import (
+    FlagOption,
+    IntOption,
+    RealOption,
+    working_dtype,
+)
 
 from ._common import (
     Flat,
@@ -146,10 +152,10 @@ class Anderson(Solver[AndersonState]):
     - the options shared by every solver; see `banax.Solver`.
     """
 
-    depth: int = eqx.field(default=5, kw_only=True)
-    damp: float = eqx.field(default=0.8, kw_only=True)
-    ridge: float = eqx.field(default=1e-6, kw_only=True)
-    use_linalg: bool = eqx.field(default=True, kw_only=True)
+    depth: IntOption = eqx.field(default=5, kw_only=True)
+    damp: RealOption = eqx.field(default=0.8, kw_only=True)
+    ridge: RealOption = eqx.field(default=1e-6, kw_only=True)
+    use_linalg: FlagOption = eqx.field(default=True, kw_only=True)
 
     def __check_init__(self) -> None:
         check_int(self, "depth", 1)
@@ -169,7 +175,8 @@ class Anderson(Solver[AndersonState]):
         return _push(empty, z0, fz0, self.damp)
 
     def step(
-        self, f: TracedFunction, z: Flat, fz: Flat, state: AndersonState, trace: Any
+        self, f: Callable[..., tuple[Flat, Any]], z: Flat, fz: Flat, state: AndersonState,
+        trace: Any,
     ) -> tuple[Flat, Flat, AndersonState, Any]:
         valid = jnp.arange(self.depth) < state.count
         alpha = self._weights(state.gram, valid)

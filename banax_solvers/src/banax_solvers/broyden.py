@@ -1,5 +1,6 @@
 """Limited-memory Broyden's method on the residual `g(z) = f(z) − z`."""
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -9,8 +10,9 @@ from jaxtyping import Array, Bool, Float, Inexact, Int
 
 from banax import Solver
 from banax.extend import (
+    IntOption,
     LowRankInverseJacobian,
-    TracedFunction,
+    RealOption,
     residual_norms,
     stats_dtype,
     working_dtype,
@@ -103,9 +105,9 @@ class Broyden(Solver[BroydenState], LowRankInverseJacobian):
     - the options shared by every solver; see `banax.Solver`.
     """
 
-    history_size: int = eqx.field(default=10, kw_only=True)
-    ls_steps: int = eqx.field(default=0, kw_only=True)
-    spectral_clip: float | None = eqx.field(default=1.5, kw_only=True)
+    history_size: IntOption = eqx.field(default=10, kw_only=True)
+    ls_steps: IntOption = eqx.field(default=0, kw_only=True)
+    spectral_clip: RealOption | None = eqx.field(default=1.5, kw_only=True)
 
     def __check_init__(self) -> None:
         check_int(self, "history_size", 1)
@@ -125,7 +127,7 @@ class Broyden(Solver[BroydenState], LowRankInverseJacobian):
         return BroydenState(u=zeros, v=zeros, direction=direction, count=jnp.asarray(0))
 
     def step(
-        self, f: TracedFunction, z: Flat, fz: Flat, state: BroydenState, trace: Any
+        self, f: Callable[..., tuple[Flat, Any]], z: Flat, fz: Flat, state: BroydenState, trace: Any
     ) -> tuple[Flat, Flat, BroydenState, Any]:
         dtype = working_dtype(z.dtype)
         d = state.direction
@@ -176,7 +178,7 @@ class Broyden(Solver[BroydenState], LowRankInverseJacobian):
         return z_next, fz_next, new_state, trace
 
     def _line_search(
-        self, f: TracedFunction, z: Flat, fz: Flat,
+        self, f: Callable[..., tuple[Flat, Any]], z: Flat, fz: Flat,
         direction: Inexact[Array, "batch features"], trace: Any,
     ) -> tuple[Flat, Flat, Float[Array, " batch"], Any]:
         """Evaluate the full step, then backtrack per sample (Armijo) if enabled.

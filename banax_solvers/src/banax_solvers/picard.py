@@ -1,9 +1,9 @@
 """Picard iteration: `z ← f(z)`."""
 
+from collections.abc import Callable
 from typing import Any
 
 from banax import Solver
-from banax.extend import TracedFunction
 
 from ._common import Flat
 
@@ -26,7 +26,7 @@ class Picard(Solver[None]):
         return None
 
     def step(
-        self, f: TracedFunction, z: Flat, fz: Flat, state: None, trace: Any
+        self, f: Callable[..., tuple[Flat, Any]], z: Flat, fz: Flat, state: None, trace: Any
     ) -> tuple[Flat, Flat, None, Any]:
         fz_next, trace = f(fz, trace)
         return fz, fz_next, None, trace

@@ -1,11 +1,12 @@
 """Relaxed (damped) fixed-point iteration: `z ← (1 − β) z + β f(z)`."""
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 
 from banax import Solver
-from banax.extend import TracedFunction
+from banax.extend import RealOption
 
 from ._common import Flat, check_damp, damped
 
@@ -28,7 +29,7 @@ class Relaxed(Solver[None]):
     - the options shared by every solver; see `banax.Solver`.
     """
 
-    damp: float = eqx.field(default=0.8, kw_only=True)
+    damp: RealOption = eqx.field(default=0.8, kw_only=True)
 
     def __check_init__(self) -> None:
         check_damp(self, allow_one=True)
@@ -37,7 +38,7 @@ class Relaxed(Solver[None]):
         return None
 
     def step(
-        self, f: TracedFunction, z: Flat, fz: Flat, state: None, trace: Any
+        self, f: Callable[..., tuple[Flat, Any]], z: Flat, fz: Flat, state: None, trace: Any
     ) -> tuple[Flat, Flat, None, Any]:
         z_next = damped(z, fz, self.damp)
         fz_next, trace = f(z_next, trace)

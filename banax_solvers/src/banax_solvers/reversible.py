@@ -11,7 +11,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, UInt
 
 from banax import Solver
-from banax.extend import InvertibleStep
+from banax.extend import (
+    FlagOption,
+    InvertibleStep,
+    RealOption,
+)
 
 from ._common import Flat, check_bool, check_damp, damped
 
@@ -129,8 +133,8 @@ class Reversible(Solver[ReversibleState], InvertibleStep):
     - the options shared by every solver; see `banax.Solver`.
     """
 
-    damp: float = eqx.field(default=0.8, kw_only=True)
-    record: bool = eqx.field(default=False, kw_only=True)
+    damp: RealOption = eqx.field(default=0.8, kw_only=True)
+    record: FlagOption = eqx.field(default=False, kw_only=True)
 
     def __check_init__(self) -> None:
         check_damp(

@@ -1,0 +1,39 @@
+"""The suite runs with jaxtyping's import hook on banax and its first-party plugins (pyproject's
+`--jaxtyping-packages`, beartype as the checker): a call that contradicts an annotation raises at
+the call. These tests fail if the hook is off or installed after banax was imported."""
+
+import jax.numpy as jnp
+import jaxtyping
+import pytest
+from annotation_checker import without_annotation_checks
+
+from banax.nn import group_norm
+
+
+def test_a_shape_that_contradicts_the_annotation_raises():
+    x = jnp.ones((2, 5, 4))
+    # `scale: Float[Array, " channels"]` with channels = 4 from `x`; 3 contradicts it.
+    with pytest.raises(jaxtyping.TypeCheckError, match="scale"):
+        group_norm(x, 2, jnp.ones(3), jnp.zeros(4))
+
+
+def test_a_dtype_that_contradicts_the_annotation_raises():
+    # `x: Float[...]`: an integer array is refused before any arithmetic runs.
+    with pytest.raises(jaxtyping.TypeCheckError, match="x"):
+        group_norm(jnp.ones((2, 5, 4), dtype=jnp.int32), 2, jnp.ones(4), jnp.zeros(4))
+
+
+def test_a_matching_call_passes():
+    out = group_norm(jnp.ones((2, 5, 4)), 2, jnp.ones(4), jnp.zeros(4))
+    assert out.shape == (2, 5, 4)
+
+
+def test_the_checks_can_be_turned_off_for_a_block_and_come_back():
+    x, wrong = jnp.ones((2, 5, 4)), jnp.ones(3)
+    with without_annotation_checks():
+        # The wrong shape now reaches banax's own arithmetic, whose error JAX raises.
+        with pytest.raises(TypeError, match="incompatible shapes for broadcasting") as info:
+            group_norm(x, 2, wrong, jnp.zeros(4))
+    assert not isinstance(info.value, jaxtyping.TypeCheckError)
+    with pytest.raises(jaxtyping.TypeCheckError):
+        group_norm(x, 2, wrong, jnp.zeros(4))
