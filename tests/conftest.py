@@ -7,13 +7,6 @@ import hypothesis
 hypothesis.settings.register_profile("banax", deadline=None, max_examples=25, derandomize=True)
 hypothesis.settings.load_profile("banax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The suite compiles hundreds of small programs and runs each on tiny arrays, so LLVM's
-# optimisation passes cost more than they save (about a third of the suite's CPU time);
-# subprocesses (docs pages, CLI runs, multi-device runs) inherit the flags.
-_FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), *(f for f in _FAST_COMPILE
-                                         if f not in os.environ.get("XLA_FLAGS", ""))]).strip()
 
 import jax  # noqa: E402
 

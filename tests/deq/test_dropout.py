@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from annotation_checker import without_annotation_checks
 
 from banax import DEQ
 from deq.deq_cells import TanhCell, tanh_cell
@@ -79,6 +80,7 @@ def test_training_with_dropout_lowers_the_loss(setup):
     assert loss(eqx.nn.inference_mode(model), None) < 0.5 * first
 
 
+@without_annotation_checks()
 def test_key_errors(setup):
     inner, deq, x = setup
     plain = DEQ(inner, SOLVER, ADJOINT, state_shape=(N,))

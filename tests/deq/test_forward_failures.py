@@ -236,13 +236,15 @@ def test_on_failure_is_checked_for_every_adjoint():
 
 
 def test_step_failed_and_skip_if():
+    stats = banax.Stats(steps=jnp.ones(2, jnp.int32), abs_err=jnp.zeros(2),
+                        rel_err=jnp.zeros(2))
     sol = banax.Solution(value=jnp.zeros(2), result=jnp.array([0, 1], jnp.int32),
-                         stats=None, trace=None)
+                         stats=stats, trace=None)
     assert not banax.step_failed(sol, jnp.ones(2), {"g": jnp.zeros(3)})
     assert banax.step_failed(sol, jnp.array([1.0, jnp.nan]))
     assert banax.step_failed(sol, {"g": jnp.array(jnp.inf)})
     diverged = banax.Solution(value=jnp.zeros(2), result=jnp.array([0, 2], jnp.int32),
-                              stats=None, trace=None)
+                              stats=stats, trace=None)
     assert banax.step_failed(diverged)
     new, old = (jnp.ones(2), "static", 3.0), (jnp.zeros(2), "static", 4.0)
     assert banax.skip_if(jnp.array(True), new, old)[0].tolist() == [0.0, 0.0]

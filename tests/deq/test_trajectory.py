@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
+from annotation_checker import without_annotation_checks
 
 import banax
 from banax import DEQ
@@ -66,6 +67,7 @@ def test_trajectory_loss_weights():
     assert banax.evenly_spaced(3, 30) == (0, 10, 20)
 
 
+@without_annotation_checks()
 def test_trajectory_errors(setup):
     deq, x = setup
     with pytest.raises(ValueError, match=r"positions must be increasing steps in "

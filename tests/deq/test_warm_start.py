@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
+from annotation_checker import without_annotation_checks
 
 import banax
 from banax import DEQ, FixedPointCache
@@ -47,6 +48,7 @@ def test_second_pass_is_warm(data):
                          rtol=1e-6, atol=1e-8)
 
 
+@without_annotation_checks()
 def test_cache_errors(data):
     deq, x = data
     cache = FixedPointCache.empty(EXAMPLES, (N,), x.dtype)

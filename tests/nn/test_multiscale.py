@@ -318,6 +318,7 @@ def test_an_image_that_cannot_be_halved():
         banax.DEQ(cell, solver=_solver())(jnp.ones((2, 6, 8, 3)))
 
 
+@without_annotation_checks()
 def test_a_channel_count_the_group_norms_cannot_divide():
     with pytest.raises(ValueError, match=r"MultiscaleCell: groups=4 does not divide "
                        r"channels\[1\]=6.*groups=3"):

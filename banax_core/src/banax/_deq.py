@@ -162,7 +162,7 @@ class DEQ(eqx.Module):
         init: str | Callable[[Any], Any] = "zeros",
         state_shape: IntOption | tuple[IntOption, ...] | None = None,
         check_independence: bool = False,
-        inference_settings: dict[str, Any] | None = None,
+        inference_settings: Mapping[str, Any] | tuple[tuple[str, Any], ...] | None = None,
         inference: bool = False,
         pretrain_steps: int | None = None,
     ):

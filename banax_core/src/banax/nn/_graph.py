@@ -212,8 +212,8 @@ class Graph(eqx.Module):
         return cls(adjacency, spectral_radius=jnp.stack([g.spectral_radius for g in graphs]))
 
 
-def project_rows_l1(weight: Float[Array, "*batch rows cols"],
-                    radius: Float[Array, "*batch"]) -> Float[Array, "*batch rows cols"]:
+def project_rows_l1(weight: Float[Array, "*wbatch rows cols"],
+                    radius: Float[Array, "*rbatch"]) -> Float[Array, "... rows cols"]:
     """The Euclidean projection of each row of `weight` onto the ℓ1 ball of `radius`:
     the nearest matrix with `‖W‖_∞ = max_i Σ_j |W_ij| ≤ radius`.
 
