@@ -60,7 +60,7 @@ def jacobian_weight(model: Any) -> float:
     return getattr(model, "jacobian_weight", 0.0)
 
 
-def loss_and_solution(model: Any, probe: BackwardStats, x: Array, y: Array,
+def loss_and_solution(model: Any, probe: BackwardStats | None, x: Array, y: Array,
                       key: PRNGKeyArray | None = None) -> Any:
     """The loss and the forward solve's `Solution`; differentiate with respect to
     `probe` too to receive the backward solve's `BackwardStats`. `key` draws the
