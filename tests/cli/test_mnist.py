@@ -91,6 +91,7 @@ def _tiny_mdeq(weight: float) -> _mnist.MnistMDEQ:
     return _mnist.MnistMDEQ(adjoint, (4, 4), jacobian_weight=weight, key=jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_multiscale_penalty_adds_weight_times_the_dense_jacobian_norm(small):
     """The loss's penalty term, averaged over probes, against ‖∂f/∂z‖²_F / d from the
     dense Jacobian of the cell at the solve's `z*`."""

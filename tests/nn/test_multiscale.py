@@ -154,6 +154,15 @@ def test_default_init_is_a_contraction_that_converges(solved):
     assert np.max(np.abs(np.linalg.eigvals(np.asarray(J)))) < 0.9
 
 
+@eqx.filter_jit
+def _layer_grads(adjoint, cell, x, c):
+    """The gradient of Σ c·z* with respect to the cell and the input, through the layer."""
+    def loss(args):
+        out = banax.DEQ(args[0], adjoint=adjoint)(args[1])
+        return sum(jnp.sum(ci * o) for ci, o in zip(c, out))
+    return eqx.filter_grad(loss)((cell, x))
+
+
 @pytest.mark.parametrize("name", ["implicit", "jfb", "bptt"])
 def test_gradients_against_the_dense_implicit_function_theorem(solved, name):
     """Loss Σ c·z*: implicit (and BPTT through a converged solve) λ = (I − Jᵀ)⁻¹ c,
@@ -171,14 +180,7 @@ def test_gradients_against_the_dense_implicit_function_theorem(solved, name):
     adjoint = banax.get_adjoint(name, solver=solver, **(
         {"b_solver": _solver()} if name == "implicit" else {}))
 
-    @eqx.filter_jit
-    def grads(cell, x):
-        def loss(args):
-            out = banax.DEQ(args[0], adjoint=adjoint)(args[1])
-            return sum(jnp.sum(ci * o) for ci, o in zip(c, out))
-        return eqx.filter_grad(loss)((cell, x))
-
-    _close(grads(cell, x), truth, rtol=1e-7)
+    _close(_layer_grads(adjoint, cell, x, c), truth, rtol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["neumann_phantom", "unroll_phantom", "reversible", "gdeq"])
@@ -209,14 +211,7 @@ def test_the_other_adjoints_against_their_closed_forms(solved, name):
     else:
         adjoint = banax.get_adjoint(name, solver=_solver(name="broyden"))
 
-    @eqx.filter_jit
-    def grads(cell, x):
-        def loss(args):
-            out = banax.DEQ(args[0], adjoint=adjoint)(args[1])
-            return sum(jnp.sum(ci * o) for ci, o in zip(c, out))
-        return eqx.filter_grad(loss)((cell, x))
-
-    ours = grads(cell, x)
+    ours = _layer_grads(adjoint, cell, x, c)
     if name != "gdeq":
         _close(ours, through(lam), rtol=1e-6)
         return
