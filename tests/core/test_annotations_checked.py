@@ -1,6 +1,7 @@
-"""The suite runs with jaxtyping's import hook on banax and its first-party plugins (pyproject's
-`--jaxtyping-packages`, beartype as the checker): a call that contradicts an annotation raises at
-the call. These tests fail if the hook is off or installed after banax was imported."""
+"""With jaxtyping's import hook on banax and its first-party plugins (README's annotation run:
+`--jaxtyping-packages=...,annotation_checker.check`, beartype as the checker), a call that
+contradicts an annotation raises at the call. Skipped in a run without the hook; they fail if
+the hook was installed after banax was imported."""
 
 import jax.numpy as jnp
 import jaxtyping
@@ -8,6 +9,14 @@ import pytest
 from annotation_checker import without_annotation_checks
 
 from banax.nn import group_norm
+
+HOOK = "--jaxtyping-packages=banax,banax_solvers,banax_adjoints,banax_reg,annotation_checker.check"
+
+
+@pytest.fixture(autouse=True)
+def _only_with_the_hook(request):
+    if not request.config.getoption("jaxtyping_packages", None):
+        pytest.skip(f"an annotation run: uv run pytest {HOOK}")
 
 
 def test_a_shape_that_contradicts_the_annotation_raises():
