@@ -1,6 +1,7 @@
 import os
 
 import hypothesis
+import pytest
 
 # JAX compiles on first call, which would trip hypothesis's per-example deadline.
 # Derandomized: CI and every rerun draw the same examples, so a red run reproduces.
@@ -17,6 +18,16 @@ jax.config.update("jax_enable_x64", True)
 # every rank broadcast in banax must be explicit.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's caches of compiled programs after each test module. An xdist worker runs
+    hundreds of modules in one process and would otherwise keep every program XLA compiled
+    (its code mapped in memory) to the end; late in full runs workers crashed inside XLA's
+    compiler."""
+    yield
+    jax.clear_caches()
 
 
 def pytest_configure(config):
