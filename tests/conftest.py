@@ -3,11 +3,15 @@ import os
 import hypothesis
 import pytest
 
+from compile_flags import with_fast_compile
+
 # JAX compiles on first call, which would trip hypothesis's per-example deadline.
 # Derandomized: CI and every rerun draw the same examples, so a red run reproduces.
 hypothesis.settings.register_profile("banax", deadline=None, max_examples=25, derandomize=True)
 hypothesis.settings.load_profile("banax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Subprocesses (CLI runs, multi-device runs) inherit the flags.
+os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
 
 import jax  # noqa: E402
 

@@ -32,7 +32,10 @@ def test_training_lowers_the_loss_and_the_regularizer_acts():
     model = Regressor(deq, 0.1 * jax.random.normal(kh, (N,)))
     x = jax.random.normal(kx, (BATCH, D))
     y = jnp.sin(2 * x[:, 0]) * x[:, 1]
-    optimizer = optax.adam(2e-2)
+    # A rate at which the loss falls smoothly: at 2e-2 it spiked in the last steps, and
+    # whether the final step landed on a spike depended on the last bits of the compiled
+    # arithmetic (XLA's optimisation level).
+    optimizer = optax.adam(1.5e-2)
     regularizer = banax.regularization.hutchinson_jacobian_frobenius
 
     @eqx.filter_jit

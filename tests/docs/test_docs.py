@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from compile_flags import FAST_COMPILE
 from docs.run_page import python_blocks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,10 +24,11 @@ PAGE_TIMEOUT_S = 240
 
 
 def reader_env() -> dict[str, str]:
-    """The environment of a user: the suite's JAX settings removed."""
+    """The environment of a user: the suite's JAX settings removed, except that XLA
+    compiles with little optimisation (`FAST_COMPILE`), as in the rest of the suite."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_", "XLA_", "BANAX_")) and k != "PYTHONPATH"}
-    env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg", XLA_FLAGS=" ".join(FAST_COMPILE))
     return env
 
 
