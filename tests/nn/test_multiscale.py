@@ -124,10 +124,10 @@ def test_fusion_shapes(channels):
         for j, f in enumerate(row):
             assert (f is None) == (i == j)
             if f is not None:
-                assert f(z[j]).shape == expected[i]
+                assert jax.eval_shape(f, z[j]).shape == expected[i]
     head = nn.MultiscaleHead(channels, 10, expected[-1][1:3], key=jax.random.key(1))
     assert jax.eval_shape(head, out).shape == (3, 10)
-    assert head(tuple(a[0] for a in z)).shape == (10,)
+    assert jax.eval_shape(head, tuple(a[0] for a in z)).shape == (10,)
 
 
 def _solver(batch_axis=0, name="anderson", **kw):
@@ -135,23 +135,39 @@ def _solver(batch_axis=0, name="anderson", **kw):
                             batch_axis=batch_axis, **kw)
 
 
+# The dense references are jitted: run eagerly, a Jacobian's 768 batched VJPs dispatch
+# one small program per operation and take several times as long.
+@eqx.filter_jit
+def _jacobian(cell, z, x):
+    """∂cell/∂z at (z, x), dense, on the flattened state."""
+    flat, unravel = ravel_pytree(z)
+    return jax.jacrev(lambda f: ravel_pytree(cell(unravel(f), x))[0])(flat)
+
+
+@eqx.filter_jit
+def _pullback(cell, z, x, lam):
+    """(∂cell/∂(θ, x))ᵀ λ at (z, x), for a flattened λ."""
+    _, vjp = eqx.filter_vjp(lambda args: args[0](z, args[1]), (cell, x))
+    return vjp(ravel_pytree(z)[1](lam))[0]
+
+
 @pytest.fixture(scope="module")
 def solved():
+    """The cell, the input, the float64 fixed point, its solution and the dense J there."""
     cell, x = _cell(), _normal(1, (2, 8, 8, 3))
     deq = banax.DEQ(cell, adjoint=banax.get_adjoint(
         "implicit", solver=_solver(), b_solver=_solver()))
     z, sol = eqx.filter_jit(lambda x: deq(x, return_solution=True))(x)
-    return cell, x, z, sol
+    return cell, x, z, sol, np.asarray(_jacobian(cell, z, x))
 
 
 def test_default_init_is_a_contraction_that_converges(solved):
-    cell, x, z, sol = solved
+    cell, x, z, sol, J = solved
     assert bool(jnp.all(sol.result == banax.Result.CONVERGED))
     residual = jax.tree.map(lambda a, b: a - b, cell(z, x), z)
     assert float(jnp.max(jnp.abs(ravel_pytree(residual)[0]))) < 1e-10
-    flat, unravel = ravel_pytree(tuple(a[:1] for a in z))
-    J = jax.jacrev(lambda f: ravel_pytree(cell(unravel(f), x[:1]))[0])(flat)
-    assert np.max(np.abs(np.linalg.eigvals(np.asarray(J)))) < 0.9
+    # The samples' Jacobians are blocks of J: its spectrum is both samples'.
+    assert np.max(np.abs(np.linalg.eigvals(J))) < 0.9
 
 
 @eqx.filter_jit
@@ -168,14 +184,11 @@ def test_gradients_against_the_dense_implicit_function_theorem(solved, name):
     """Loss Σ c·z*: implicit (and BPTT through a converged solve) λ = (I − Jᵀ)⁻¹ c,
     JFB λ = c, with J the dense Jacobian at the float64 fixed point; the parameter
     and input gradients are (∂f/∂(θ, x))ᵀ λ."""
-    cell, x, z, _ = solved
+    cell, x, z, _, J = solved
     c = tuple(_normal(10 + i, a.shape) for i, a in enumerate(z))
-    flat, unravel = ravel_pytree(z)
-    J = np.asarray(jax.jacrev(lambda f: ravel_pytree(cell(unravel(f), x))[0])(flat))
     cf = np.asarray(ravel_pytree(c)[0])
     lam = cf if name == "jfb" else np.linalg.solve(np.eye(len(cf)) - J.T, cf)
-    _, pullback = eqx.filter_vjp(lambda args: args[0](z, args[1]), (cell, x))
-    (truth,) = pullback(unravel(jnp.asarray(lam)))
+    truth = _pullback(cell, z, x, jnp.asarray(lam))
     solver = _solver(name="picard", loop_kind="checkpointed") if name == "bptt" else _solver()
     adjoint = banax.get_adjoint(name, solver=solver, **(
         {"b_solver": _solver()} if name == "implicit" else {}))
@@ -189,15 +202,12 @@ def test_the_other_adjoints_against_their_closed_forms(solved, name):
     Picard steps; the reversible adjoint (exact BPTT through a converged reversible
     iteration) gives the implicit gradient; GDEQ's low-rank inverse from Broyden's
     forward solve moves the gradient from JFB's λ = c towards the implicit one."""
-    cell, x, z, _ = solved
+    cell, x, z, _, J = solved
     c = tuple(_normal(20 + i, a.shape) for i, a in enumerate(z))
-    flat, unravel = ravel_pytree(z)
-    J = np.asarray(jax.jacrev(lambda f: ravel_pytree(cell(unravel(f), x))[0])(flat))
     cf = np.asarray(ravel_pytree(c)[0])
-    _, pullback = eqx.filter_vjp(lambda args: args[0](z, args[1]), (cell, x))
 
     def through(lam):
-        return pullback(unravel(jnp.asarray(lam)))[0]
+        return _pullback(cell, z, x, jnp.asarray(lam))
 
     if name in ("neumann_phantom", "unroll_phantom"):
         lam, term = np.zeros_like(cf), cf
@@ -225,7 +235,7 @@ def test_the_other_adjoints_against_their_closed_forms(solved, name):
 
 
 def test_batch_mode_per_sample_and_vmap_agree(solved):
-    cell, x, z, _ = solved
+    cell, x, z, _, _ = solved
     single = banax.DEQ(cell, solver=_solver(batch_axis=None))
     alone = single(x[1])
     vmapped = jax.vmap(single)(x)
@@ -297,7 +307,7 @@ def test_training_lowers_the_loss():
         for _ in range(15):
             model, state, value = step(model, state)
             first = value if first is None else first
-    assert float(loss(model)) < 0.5 * float(first)
+    assert float(eqx.filter_jit(loss)(model)) < 0.5 * float(first)
 
 
 # -- bad input -------------------------------------------------------------------------
