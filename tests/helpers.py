@@ -4,6 +4,7 @@ differences, never the code under test."""
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +35,16 @@ def contraction_matrix(key: jax.Array, n: int, radius: float, *, symmetric: bool
     q2, _ = jnp.linalg.qr(jax.random.normal(k2, (n, n), dtype=jnp.float64))
     sv = jnp.linspace(radius / 4, radius, n)
     return ((q * sv[None, :]) @ q2.T).astype(dtype)
+
+
+@eqx.filter_jit
+def dense_jacobian(f: Callable[[Any, Any], Any], z: Any, x: Any) -> jax.Array:
+    """`∂f(z, x)/∂z` as a dense matrix over the flattened pytree `z`. Jitted: run eagerly,
+    its batched products dispatch one small program per operation, several times slower
+    than one compiled program for a state of a few hundred entries. `f` (a cell) is a
+    pytree argument, so one compilation serves every call of the same shapes."""
+    flat, unravel = ravel_pytree(z)
+    return jax.jacrev(lambda v: ravel_pytree(f(unravel(v), x))[0])(flat)
 
 
 def dense_implicit_grad(

@@ -7,11 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
 
 import banax
 from banax import FixedPointCache, nn
-from helpers import tree_allclose
+from helpers import dense_jacobian, tree_allclose
 
 BATCH = 2
 
@@ -26,12 +25,8 @@ def problem():
     x = jax.random.normal(jax.random.key(1), (BATCH, 4, 4, 3), jnp.float64)
     deq = banax.DEQ(cell, solver=_solver())  # no state_shape: the cell says its state
     z = deq(x)
-    jacobians = []
-    for i in range(BATCH):
-        zi = tuple(a[i] for a in z)
-        flat, unravel = ravel_pytree(zi)
-        jacobians.append(np.asarray(jax.jacrev(
-            lambda f: ravel_pytree(cell(unravel(f), x[i]))[0])(flat)))
+    jacobians = [np.asarray(dense_jacobian(cell, tuple(a[i] for a in z), x[i]))
+                 for i in range(BATCH)]
     return cell, x, deq, z, jacobians
 
 
@@ -62,7 +57,8 @@ def test_regularizer_and_spectral_radius_against_dense_jacobians(problem):
 
 def test_trajectory_on_tuple_states(problem):
     """The sampled state after k Picard steps, then damped phantom steps, with its
-    gradient, against the same iteration run by hand."""
+    gradient (under jit, as in a training step), against the same iteration run by
+    hand."""
     cell, x, _, _, _ = problem
     deq = banax.DEQ(cell, solver=_solver("picard"))
     k, damp = 3, 0.8
@@ -77,10 +73,10 @@ def test_trajectory_on_tuple_states(problem):
 
     assert tree_allclose(states[0], direct(cell), rtol=1e-10, atol=1e-12)
     c = jax.random.normal(jax.random.key(4), z_k[1].shape, jnp.float64)
-    ours = jax.grad(lambda inj: jnp.sum(c * banax.trajectory(
+    ours = jax.jit(jax.grad(lambda inj: jnp.sum(c * banax.trajectory(
         banax.DEQ(_with_inject(cell, inj), solver=_solver("picard")),
-        x, (k,), phantom_steps=1, damp=damp)[0][1]))(cell.inject.weight)
-    truth = jax.grad(lambda inj: jnp.sum(c * direct(_with_inject(cell, inj))[1]))(
+        x, (k,), phantom_steps=1, damp=damp)[0][1])))(cell.inject.weight)
+    truth = jax.jit(jax.grad(lambda inj: jnp.sum(c * direct(_with_inject(cell, inj))[1])))(
         cell.inject.weight)
     np.testing.assert_allclose(ours, truth, rtol=1e-9, atol=1e-12)
 

@@ -13,6 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 import banax
 from banax import nn
+from helpers import dense_jacobian
 
 F64 = jnp.float64
 
@@ -135,16 +136,7 @@ def _solver(batch_axis=0, name="anderson", **kw):
                             batch_axis=batch_axis, **kw)
 
 
-# The dense references are jitted: run eagerly, a Jacobian's 768 batched VJPs dispatch
-# one small program per operation and take several times as long.
-@eqx.filter_jit
-def _jacobian(cell, z, x):
-    """∂cell/∂z at (z, x), dense, on the flattened state."""
-    flat, unravel = ravel_pytree(z)
-    return jax.jacrev(lambda f: ravel_pytree(cell(unravel(f), x))[0])(flat)
-
-
-@eqx.filter_jit
+@eqx.filter_jit  # as `dense_jacobian`: eagerly, several times slower
 def _pullback(cell, z, x, lam):
     """(∂cell/∂(θ, x))ᵀ λ at (z, x), for a flattened λ."""
     _, vjp = eqx.filter_vjp(lambda args: args[0](z, args[1]), (cell, x))
@@ -158,7 +150,7 @@ def solved():
     deq = banax.DEQ(cell, adjoint=banax.get_adjoint(
         "implicit", solver=_solver(), b_solver=_solver()))
     z, sol = eqx.filter_jit(lambda x: deq(x, return_solution=True))(x)
-    return cell, x, z, sol, np.asarray(_jacobian(cell, z, x))
+    return cell, x, z, sol, np.asarray(dense_jacobian(cell, z, x))
 
 
 def test_default_init_is_a_contraction_that_converges(solved):

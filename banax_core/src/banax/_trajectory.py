@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, PRNGKeyArray
 
 from ._fspec import bind
@@ -78,7 +79,9 @@ def trajectory(
     if not positions:
         return [deq(x, key=key)]
     z0 = deq.initial_state(jax.tree.map(jnp.asarray, x))
-    where = jnp.asarray(positions)
+    # A NumPy constant, not a traced array: the trace function closes over it, and a
+    # traced value closed over by it broke jit(grad(...)) at lowering.
+    where = np.asarray(positions)
 
     def select(mask: Array, new: Any, old: Any) -> Any:
         # Per leaf: `new` (broadcast over the positions) where `mask`, else `old`.
