@@ -47,12 +47,14 @@ def dense_jacobian(f: Callable[[Any, Any], Any], z: Any, x: Any) -> jax.Array:
     return jax.jacrev(lambda v: ravel_pytree(f(unravel(v), x))[0])(flat)
 
 
+@eqx.filter_jit
 def dense_implicit_grad(
     f: Callable[[Any, Any], Any], z_star: Any, theta: Any, g: Any
 ) -> Any:
     """Exact IFT gradient `(∂f/∂θ)ᵀ (I − ∂f/∂z)⁻ᵀ g` at `z* = f(z*, θ)`, by a dense solve.
 
-    `z_star`, `theta` and `g` may be pytrees; `g` has the structure of `z_star`.
+    `z_star`, `theta` and `g` may be pytrees; `g` has the structure of `z_star`. Jitted
+    as one program, like `dense_jacobian`.
     """
     z_flat, unravel_z = ravel_pytree(z_star)
     g_flat, _ = ravel_pytree(g)
