@@ -6,13 +6,13 @@ import sys
 
 import equinox as eqx
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import banax
 from banax.cli import _mnist, _training, bench_mnist, main
+from helpers import dense_jacobian
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +102,8 @@ def test_multiscale_penalty_adds_weight_times_the_dense_jacobian_norm(small):
     z = model.deq(inject)
     cross_entropy = _training.cross_entropy(model.logits(z), y)
 
-    flat, unflatten = jax.flatten_util.ravel_pytree(z)
-    dense = jax.jacrev(lambda v: jax.flatten_util.ravel_pytree(
-        model.deq.cell(unflatten(v), inject))[0])(flat)
-    expected = float(jnp.sum(dense**2)) / flat.size
+    dense = dense_jacobian(model.deq.cell, z, inject)
+    expected = float(jnp.sum(dense**2)) / dense.shape[0]
 
     loss = eqx.filter_jit(lambda m, k: _training.loss_and_solution(m, None, x, y, k)[0])
     terms = [(float(loss(model, jax.random.key(i))) - float(cross_entropy)) / weight
