@@ -10,6 +10,7 @@ import pytest
 
 from banax import nn
 from banax_reg import denoising_energy, hutchinson_jacobian_frobenius, jacobian_spectral_norm
+from helpers import dense_jacobian
 
 REGULARIZERS = [jacobian_spectral_norm, hutchinson_jacobian_frobenius, denoising_energy]
 NAMES = [r.__name__ for r in REGULARIZERS]
@@ -96,7 +97,7 @@ def test_spectral_norm_of_a_conv_cell_is_its_dense_top_singular_value():
     z = jax.random.normal(jax.random.key(1), (1, 4, 4, 2), jnp.float64)
     x = jax.random.normal(jax.random.key(2), (1, 4, 4, 1), jnp.float64)
     value = jacobian_spectral_norm((cell, (x,)), z, key=jax.random.key(3), n_steps=3000)
-    J = jax.jacrev(lambda zf: cell(zf.reshape(z.shape), x).ravel())(z.ravel())
+    J = dense_jacobian(cell, z, x)
     s = np.linalg.svd(np.asarray(J), compute_uv=False)
     assert value <= s[0] * (1 + 1e-12)
     np.testing.assert_allclose(value, s[0], rtol=1e-8)
