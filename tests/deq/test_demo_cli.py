@@ -5,10 +5,11 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 import banax
-from banax.cli import build_parser, demo, main
+from banax.cli import _mnist, build_parser, demo, main
 from banax.cli._common import build_adjoint
 
 
@@ -70,6 +71,21 @@ def test_demo_components_and_options_by_name():
     mnist = build_adjoint(demo.resolve_defaults(parser.parse_args(["demo", "--data", "mnist"])))
     loose = banax.get_solver("anderson", batch_axis=0, rtol=1e-3, max_steps=20)
     assert mnist.solver == loose and mnist.b_solver == loose
+
+
+def test_the_multiscale_model_trains_eight_epochs_with_a_weak_penalty_by_default():
+    parser = build_parser()
+
+    def epochs(*argv):
+        return demo.resolve_defaults(parser.parse_args(["demo", *argv])).epochs
+
+    assert epochs("--data", "mnist") == epochs("--data", "mnist", "--model", "conv") == 5
+    assert epochs("--data", "mnist", "--model", "multiscale") == 8
+    assert epochs("--data", "mnist", "--model", "multiscale", "--epochs", "2") == 2
+    assert epochs() == 20
+    jfb = banax.get_adjoint("jfb", solver=banax.get_solver("picard"))
+    model = _mnist.MnistMDEQ(jfb, channels=(4, 4), key=jax.random.key(0))
+    assert model.jacobian_weight == 0.5
 
 
 def test_unknown_name_from_the_shell_is_one_line_and_exit_2():
