@@ -1,5 +1,5 @@
-"""The type checker jaxtyping's import hook applies to banax in the test suite (pyproject's
-`--jaxtyping-packages`): beartype, reading `float` as `float | int` and `complex` as
+"""The type checker jaxtyping's import hook applies to banax in the annotation runs
+(`HOOK_OPTION`): beartype, reading `float` as `float | int` and `complex` as
 `complex | float | int` as the typing specification (and basedpyright) do, so that `damp=1`
 meets `damp: float`. beartype's default refuses an int there."""
 
@@ -9,6 +9,12 @@ import jaxtyping
 from beartype import BeartypeConf, beartype
 
 check = beartype(conf=BeartypeConf(is_pep484_tower=True))
+
+HOOK_OPTION = (
+    "--jaxtyping-packages=banax,banax_solvers,banax_adjoints,banax_reg,annotation_checker.check"
+)
+"""The pytest option of an annotation run (README): the hook on banax and its first-party
+plugins, with `check` as the checker."""
 
 
 @contextlib.contextmanager

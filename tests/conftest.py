@@ -36,8 +36,9 @@ def _release_compiled_programs():
 
 def pytest_configure(config):
     """A plugin that fails to load fails the test that loaded it. The filter names banax's class
-    only here, after jaxtyping's import hook (pyproject's `--jaxtyping-packages`) is installed:
-    pytest resolves it, importing banax, when it collects, so banax is imported instrumented."""
+    only here, after jaxtyping's import hook (an annotation run's `--jaxtyping-packages`) is
+    installed: pytest resolves it, importing banax, when it collects, so banax is imported
+    instrumented."""
     config.addinivalue_line("filterwarnings", "error::banax.BanaxPluginWarning")
 
 

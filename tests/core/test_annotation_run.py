@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from annotation_checker import HOOK_OPTION
 
 ROOT = Path(__file__).resolve().parents[2]
-HOOK = "--jaxtyping-packages=banax,banax_solvers,banax_adjoints,banax_reg,annotation_checker.check"
 SAMPLE = [
     "tests/core/test_annotations_checked.py",  # the proofs that the hook is on
     "tests/deq/test_layer.py",
@@ -26,7 +26,7 @@ def test_a_sample_of_the_suite_passes_with_the_annotations_checked(request):
     if request.config.getoption("jaxtyping_packages", None):
         pytest.skip("this run checks the annotations of every test already")
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", HOOK,
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", HOOK_OPTION,
          *SAMPLE],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},

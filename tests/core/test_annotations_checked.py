@@ -6,17 +6,15 @@ the hook was installed after banax was imported."""
 import jax.numpy as jnp
 import jaxtyping
 import pytest
-from annotation_checker import without_annotation_checks
+from annotation_checker import HOOK_OPTION, without_annotation_checks
 
 from banax.nn import group_norm
-
-HOOK = "--jaxtyping-packages=banax,banax_solvers,banax_adjoints,banax_reg,annotation_checker.check"
 
 
 @pytest.fixture(autouse=True)
 def _only_with_the_hook(request):
     if not request.config.getoption("jaxtyping_packages", None):
-        pytest.skip(f"an annotation run: uv run pytest {HOOK}")
+        pytest.skip(f"an annotation run: uv run pytest {HOOK_OPTION}")
 
 
 def test_a_shape_that_contradicts_the_annotation_raises():
