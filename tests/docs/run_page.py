@@ -1,11 +1,15 @@
-"""Run every ```python block of one Markdown page, in order, in this interpreter.
+"""Run every ```python block of one Markdown page, in order, in one namespace.
 
-`python run_page.py PAGE` is what `test_docs.py` runs in a fresh subprocess per page, so
-that a page's blocks share one namespace (a later block uses what an earlier one
-defined) and nothing leaks between pages. Each block is compiled under the page's file
-name with its lines kept where they are on the page, so a traceback points at the line
-of the Markdown file. On the first failure it prints the page, the block's first line
-and the traceback to stderr, and exits with status 1.
+`python run_page.py PAGE` runs one page in this interpreter. `python run_page.py --serve`
+is what `test_docs.py` starts, once per pytest worker: it imports what every page
+imports (JAX, Equinox, Optax, banax) without starting any JAX backend, then runs each
+requested page in a child forked from itself, so that a page's blocks share one
+namespace (a later block uses what an earlier one defined), nothing leaks between pages
+(each child starts from the same unconfigured JAX), and no page pays the import again.
+Each block is compiled under the page's file name with its lines kept where they are on
+the page, so a traceback points at the line of the Markdown file. On the first failure
+it prints the page, the block's first line and the traceback to stderr, and exits with
+status 1.
 
 A warning that banax itself issues (a tolerance the dtype cannot reach, a backward
 solve that did not converge, ...) fails the page too: an example that warns teaches a
@@ -13,9 +17,15 @@ configuration that does not work. A block that shows a warning on purpose catche
 (`warnings.catch_warnings`).
 """
 
+import importlib
+import json
+import os
 import re
+import signal
 import sys
+import tempfile
 import textwrap
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -82,5 +92,55 @@ def main(page: str) -> int:
     return 0
 
 
+#: What the pages import, loaded once by the server before it forks.
+PRELOAD = ("numpy", "jax", "jax.numpy", "equinox", "optax", "banax", "banax.nn")
+
+
+def run_forked(page: str, cwd: str, timeout: float) -> dict:
+    """Run `page` in a forked child working in `cwd`: `{"returncode", "stderr"}`, the
+    return code None when the child was killed after `timeout` seconds."""
+    with tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.chdir(cwd)
+                quiet = os.open(os.devnull, os.O_RDWR)
+                os.dup2(quiet, 0)
+                os.dup2(quiet, 1)
+                os.dup2(err.fileno(), 2)
+                code = main(page)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return {"returncode": None, "stderr": ""}
+            time.sleep(0.02)
+        err.seek(0)
+        return {"returncode": os.waitstatus_to_exitcode(waited[1]),
+                "stderr": err.read().decode(errors="replace")}
+
+
+def serve() -> int:
+    """Answer requests on stdin, one JSON line each (`{"page", "cwd", "timeout"}`), with
+    `run_forked`'s answer as one JSON line on stdout."""
+    for name in PRELOAD:
+        importlib.import_module(name)
+    from jax._src import xla_bridge
+
+    # A child may still configure JAX (x64, the device count) only if no backend started.
+    assert not xla_bridge.backends_are_initialized(), "importing the pages' modules started JAX"
+    for line in sys.stdin:
+        print(json.dumps(run_forked(**json.loads(line))), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(serve() if sys.argv[1] == "--serve" else main(sys.argv[1]))

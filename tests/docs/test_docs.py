@@ -1,11 +1,13 @@
 """Docs are code: every ```python block of README.md and docs/**/*.md runs as written.
 
-Each page runs in its own fresh interpreter (`run_page.py`), its blocks in order in one
-namespace, the way a reader pastes them into a session: default JAX configuration
-(float32, none of the suite's strict promotion modes), on the CPU, in an empty working
-directory. Each page is its own test case, so pytest-xdist spreads pages over the cores.
+Each page runs in its own process (`run_page.py`, forked from a server that has imported
+JAX and banax but started nothing), its blocks in order in one namespace, the way a
+reader pastes them into a session: default JAX configuration (float32, none of the
+suite's strict promotion modes), on the CPU, in an empty working directory. Each page is
+its own test case, so pytest-xdist spreads pages over the cores.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -32,24 +34,44 @@ def reader_env() -> dict[str, str]:
     return env
 
 
-def run_page(page: Path, cwd: Path) -> subprocess.CompletedProcess | str:
-    try:
-        return subprocess.run(
-            [sys.executable, str(RUNNER), str(page)], cwd=cwd, env=reader_env(),
-            capture_output=True, text=True, timeout=PAGE_TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:
-        return f"{page.relative_to(ROOT)} did not finish within {PAGE_TIMEOUT_S} s"
+@pytest.fixture(scope="module")
+def run_page(tmp_path_factory):
+    """`run_page(page, cwd)`: the page's run by this worker's page server, or a line
+    saying why there is none."""
+    log = tmp_path_factory.mktemp("page_server") / "stderr"
+    with log.open("w") as err:
+        server = subprocess.Popen([sys.executable, str(RUNNER), "--serve"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=err, text=True,
+                                  cwd=log.parent, env=reader_env())
+
+    def run(page: Path, cwd: Path) -> dict | str:
+        request = {"page": str(page), "cwd": str(cwd), "timeout": PAGE_TIMEOUT_S}
+        try:
+            server.stdin.write(json.dumps(request) + "\n")
+            server.stdin.flush()
+            answer = server.stdout.readline()
+        except BrokenPipeError:
+            answer = ""
+        if not answer:
+            return "the page server stopped:\n" + log.read_text()[-6000:]
+        answer = json.loads(answer)
+        if answer["returncode"] is None:
+            return f"{page.name} did not finish within {PAGE_TIMEOUT_S} s"
+        return answer
+
+    yield run
+    server.stdin.close()
+    server.wait(timeout=60)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_page_runs(page, tmp_path):
+def test_page_runs(run_page, page, tmp_path):
     run = run_page(page, tmp_path)
     if isinstance(run, str):
         pytest.fail(run, pytrace=False)
-    if run.returncode != 0:
-        pytest.fail(run.stderr[-6000:], pytrace=False)
+    if run["returncode"] != 0:
+        pytest.fail(run["stderr"][-6000:], pytrace=False)
 
 
 def test_blocks_are_found_with_their_lines_and_indentation():
@@ -85,15 +107,14 @@ def test_a_failing_block_names_the_page_and_its_line(tmp_path):
     assert "NameError: name 'w' is not defined" in run.stderr
 
 
-def test_a_warning_of_banax_fails_the_page_and_others_do_not(tmp_path):
+def test_a_warning_of_banax_fails_the_page_and_others_do_not(run_page, tmp_path):
     page = tmp_path / "page.md"
     page.write_text(
         "```python\nimport warnings\nimport banax\nwarnings.warn('not ours', UserWarning)\n```"
         "\n\n```python\nwarnings.warn('tolerance too fine', banax.BanaxPrecisionWarning)\n```\n"
     )
-    run = subprocess.run([sys.executable, str(RUNNER), str(page)], capture_output=True,
-                         text=True, timeout=120, env=reader_env())
-    assert run.returncode == 1
+    run = run_page(page, tmp_path)
+    assert run["returncode"] == 1
     assert "banax warned:\nthe block at line 8: BanaxPrecisionWarning: tolerance too fine" \
-        in run.stderr
-    assert "not ours" not in run.stderr.split("banax warned:")[1]
+        in run["stderr"]
+    assert "not ours" not in run["stderr"].split("banax warned:")[1]
