@@ -3,7 +3,7 @@ import os
 import hypothesis
 import pytest
 
-from compile_flags import with_fast_compile
+from xla_flags import with_suite_flags
 
 # JAX compiles on first call, which would trip hypothesis's per-example deadline.
 # Derandomized: CI and every rerun draw the same examples, so a red run reproduces.
@@ -11,7 +11,7 @@ hypothesis.settings.register_profile("banax", deadline=None, max_examples=25, de
 hypothesis.settings.load_profile("banax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Subprocesses (CLI runs, multi-device runs) inherit the flags.
-os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = with_suite_flags(os.environ.get("XLA_FLAGS", ""))
 
 import jax  # noqa: E402
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from compile_flags import FAST_COMPILE
 from docs.run_page import python_blocks
+from xla_flags import SUITE_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).with_name("run_page.py")
@@ -26,11 +26,12 @@ PAGE_TIMEOUT_S = 240
 
 
 def reader_env() -> dict[str, str]:
-    """The environment of a user: the suite's JAX settings removed, except that XLA
-    compiles with little optimisation (`FAST_COMPILE`), as in the rest of the suite."""
+    """The environment of a user: the suite's JAX settings removed, except XLA's
+    (`SUITE_XLA_FLAGS`: little optimisation, one thread per program), as in the rest of
+    the suite."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("JAX_", "XLA_", "BANAX_")) and k != "PYTHONPATH"}
-    env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg", XLA_FLAGS=" ".join(FAST_COMPILE))
+    env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg", XLA_FLAGS=" ".join(SUITE_XLA_FLAGS))
     return env
 
 
