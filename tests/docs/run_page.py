@@ -22,6 +22,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -98,7 +99,15 @@ PRELOAD = ("numpy", "jax", "jax.numpy", "equinox", "optax", "banax", "banax.nn")
 
 def run_forked(page: str, cwd: str, timeout: float) -> dict:
     """Run `page` in a forked child working in `cwd`: `{"returncode", "stderr"}`, the
-    return code None when the child was killed after `timeout` seconds."""
+    return code None when the child was killed after `timeout` seconds. Where there is no
+    `fork` (Windows), the page runs in a fresh interpreter instead."""
+    if not hasattr(os, "fork"):
+        try:
+            run = subprocess.run([sys.executable, __file__, page], cwd=cwd, capture_output=True,
+                                 text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"returncode": None, "stderr": ""}
+        return {"returncode": run.returncode, "stderr": run.stderr}
     with tempfile.TemporaryFile() as err:
         pid = os.fork()
         if pid == 0:
