@@ -1,8 +1,8 @@
 """The annotation run on a sample of the suite, in a subprocess, so that CI checks the
 jaxtyping annotations of banax and its plugins on every call of the layer, its solvers,
 the exact adjoints and the regularizers' closed forms. The default run leaves jaxtyping's
-import hook off (on the whole suite it costs about a fifth more time); README names the
-command of the full annotation run."""
+import hook off (with it on, xdist workers once aborted inside XLA's compiler late in full
+runs); README names the command of the full annotation run."""
 
 import os
 import subprocess
