@@ -1,4 +1,5 @@
-"""`banax --help`, `banax plugins` and `banax bench`, run as a user would, in a subprocess."""
+"""`banax --help`, `banax plugins` and `banax bench`: each command once as a user runs it, in
+a subprocess; the bench's options and bad input in process (`banax.cli.main`)."""
 
 import json
 import os
@@ -134,12 +135,12 @@ def test_bench_cells_bad_options(capsys):
     assert "--task cells times the adjoints" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_bench_adjoints_gradient_error_and_memory(tmp_path):
+def test_bench_adjoints_gradient_error_and_memory(tmp_path, capsys):
+    # In process: the command itself runs from the shell in the tests above.
     report = tmp_path / "adjoints.json"
-    out = run("bench", *TINY, "--adjoints", "implicit,jfb,bptt", "--forward", "picard",
-              "--json", str(report))
-    assert out.returncode == 0, out.stdout + out.stderr
+    code = main(["bench", *TINY, "--adjoints", "implicit,jfb,bptt", "--forward", "picard",
+                 "--json", str(report)])
+    assert code == 0, capsys.readouterr()
     rows = {r["adjoint"]: r for r in json.loads(report.read_text())["adjoints"]}
     # Implicit and a converged BPTT are exact up to the solver tolerance; JFB is biased.
     assert rows["implicit"]["grad_error"] < 1e-2
@@ -169,12 +170,14 @@ def test_bench_bad_input_gets_one_clear_line(capsys, monkeypatch, tmp_path):
 # --- banax bench --solvers NAME:KEY=VALUE ----------------------------------------
 
 
-def test_bench_solver_items_label_rows_and_reach_the_solver(tmp_path):
+def test_bench_solver_items_label_rows_and_reach_the_solver(tmp_path, capsys):
+    # In process: the command itself runs from the shell in the tests above.
     report = tmp_path / "bench.json"
     items = ["picard", "relaxed:damp=1.0", "relaxed", "anderson", "anderson:depth=1"]
-    out = run("bench", *TINY, "--no-train", "--solvers", ",".join(items),
-              "--json", str(report))
-    assert out.returncode == 0, out.stdout + out.stderr
+    code = main(["bench", *TINY, "--no-train", "--solvers", ",".join(items),
+                 "--json", str(report)])
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
     rows = {r["solver"]: r for r in json.loads(report.read_text())["solvers"]}
     assert list(rows) == items
     assert rows["relaxed:damp=1.0"]["name"] == "relaxed"
@@ -190,7 +193,7 @@ def test_bench_solver_items_label_rows_and_reach_the_solver(tmp_path):
     assert rows["anderson:depth=1"]["evals"] != rows["anderson"]["evals"]
     for row in rows.values():
         assert row["converged"]
-        assert f"| {row['solver']} | {row['steps']} / " in out.stdout
+        assert f"| {row['solver']} | {row['steps']} / " in out.out
 
 
 @pytest.mark.parametrize(("items", "words"), [
