@@ -1,3 +1,4 @@
+import gc
 import os
 
 import hypothesis
@@ -22,6 +23,13 @@ jax.config.update("jax_enable_x64", True)
 # every rank broadcast in banax must be explicit.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Tracing allocates many short-lived objects, and at Python's default threshold (700) the
+# cyclic collector runs thousands of times per module, rescanning the imported libraries:
+# those are frozen out of its scans and the threshold raised (about 5 % less time).
+gc.collect()
+gc.freeze()
+gc.set_threshold(50_000, 50, 100)
 
 
 @pytest.fixture(autouse=True, scope="module")
